@@ -1,0 +1,18 @@
+"""Fused LoRA layers for PyTorch: a drop-in replacement for loralib.
+
+    import lora_kernels as lora   # instead of: import loralib as lora
+"""
+from . import ops  # noqa: F401  (registers torch.ops.lora_kernels)
+from . import functional, reference
+from .backends import use_backend
+from .layers import (Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, LoRALayer, Linear,
+                     MergedLinear)
+from .utils import lora_state_dict, mark_only_lora_as_trainable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALayer", "Linear", "MergedLinear", "Embedding", "ConvLoRA", "Conv1d", "Conv2d",
+    "Conv3d", "mark_only_lora_as_trainable", "lora_state_dict", "use_backend", "functional",
+    "reference", "ops", "__version__",
+]

@@ -1,0 +1,184 @@
+"""Functional LoRA: argument checks, then the ``lora_kernels`` ops.
+
+These are what the modules call; they can also be used directly::
+
+    y = lora_kernels.functional.lora_linear(x, W, b, A, B, scaling=2.0,
+                                            dropout_p=0.05, training=True)
+
+Inputs may have any number of leading batch dimensions. A dropout seed is
+drawn from the default generator of x's device on every training forward with
+dropout, so ``torch.manual_seed`` makes runs repeatable and activation
+checkpointing's recompute (which restores the RNG state) regenerates the same
+mask.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.lora_kernels)
+
+_lk = torch.ops.lora_kernels
+
+
+def _fail(name: str, got, expected) -> None:
+    raise ValueError(f"{name}: got {got}, expected {expected}")
+
+
+def check_dropout(p) -> float:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= float(p) < 1.0:
+        _fail("lora_dropout", repr(p), "a float in [0, 1)")
+    return float(p)
+
+
+def _check_same(x: Tensor, others) -> None:
+    for name, t in others:
+        if t is None:
+            continue
+        if t.device != x.device:
+            _fail(f"{name}.device", t.device, f"x's device {x.device}")
+        if t.dtype != x.dtype:
+            _fail(f"{name}.dtype", t.dtype, f"x's dtype {x.dtype} (cast x or the layer)")
+
+
+def draw_seed(device) -> Tensor:
+    """A fresh 64-bit dropout seed from ``device``'s default generator."""
+    return torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64, device=device)
+
+
+def _no_seed(x: Tensor) -> Tensor:
+    return x.new_zeros((), dtype=torch.int64)
+
+
+def enabled_groups(enable_lora: Sequence[bool]):
+    return [i for i, on in enumerate(enable_lora) if on]
+
+
+def lora_grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                        lora_B: Tensor, scaling: float, enable_lora: Sequence[bool],
+                        dropout_p: float = 0.0, training: bool = True,
+                        fan_in_fan_out: bool = False) -> Tensor:
+    """MergedLinear's form: out features in ``len(enable_lora)`` equal groups,
+    each enabled group with its own rank-r update (A: r·E×in, B: out/G·E×r)."""
+    dropout_p = check_dropout(dropout_p)
+    groups = enabled_groups(enable_lora)
+    num_groups = len(enable_lora)
+    if weight.dim() != 2:
+        _fail("weight.dim()", weight.dim(), 2)
+    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        _fail("x.shape", tuple(x.shape), f"(..., {in_f}) (in_features={in_f})")
+    if num_groups == 0 or out_f % num_groups:
+        _fail("len(enable_lora)", num_groups, f"a divisor of out_features={out_f}")
+    if not groups:
+        raise ValueError("enable_lora: no group is enabled; call F.linear instead")
+    r = lora_A.shape[0] // len(groups) if lora_A.dim() == 2 else 0
+    if lora_A.dim() != 2 or r == 0 or lora_A.shape != (r * len(groups), in_f):
+        _fail("lora_A.shape", tuple(lora_A.shape), f"(r*{len(groups)}, {in_f})")
+    if lora_B.shape != (out_f // num_groups * len(groups), r):
+        _fail("lora_B.shape", tuple(lora_B.shape), (out_f // num_groups * len(groups), r))
+    if bias is not None and bias.shape != (out_f,):
+        _fail("bias.shape", tuple(bias.shape), (out_f,))
+    _check_same(x, [("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)])
+
+    p = dropout_p if training else 0.0
+    seed = draw_seed(x.device) if p > 0 else _no_seed(x)
+    x2 = x.reshape(-1, in_f)
+    weight, fan_in_fan_out = _standard_layout(weight, fan_in_fan_out)
+    y, _ = _lk.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, float(scaling), p,
+                               fan_in_fan_out, num_groups, groups)
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                lora_B: Tensor, scaling: float, dropout_p: float = 0.0, training: bool = True,
+                fan_in_fan_out: bool = False) -> Tensor:
+    """``x·Wᵀ + bias + scaling·dropout(x)·Aᵀ·Bᵀ`` (W is (in, out) with fan_in_fan_out)."""
+    return lora_grouped_linear(x, weight, bias, lora_A, lora_B, scaling, [True], dropout_p,
+                               training, fan_in_fan_out)
+
+
+def lora_embedding(indices: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                   scaling: float, padding_idx: Optional[int] = None) -> Tensor:
+    """``W[idx] + scaling·Aᵀ[idx]·Bᵀ`` (A: r×num_embeddings, B: embedding_dim×r)."""
+    if indices.dtype not in (torch.int64, torch.int32):
+        _fail("indices.dtype", indices.dtype, "torch.int64 or torch.int32")
+    num, dim = weight.shape
+    r = lora_A.shape[0]
+    if lora_A.shape != (r, num) or r == 0:
+        _fail("lora_A.shape", tuple(lora_A.shape), f"(r, {num})")
+    if lora_B.shape != (dim, r):
+        _fail("lora_B.shape", tuple(lora_B.shape), (dim, r))
+    _check_same(weight, [("lora_A", lora_A), ("lora_B", lora_B)])
+    if indices.device != weight.device:
+        _fail("indices.device", indices.device, f"weight's device {weight.device}")
+    flat = indices.reshape(-1).long()
+    if flat.numel() and flat.device.type == "cpu":
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0 or hi >= num:
+            _fail("indices", f"values in [{lo}, {hi}]", f"values in [0, {num - 1}]")
+    pad = -1 if padding_idx is None else padding_idx % num
+    y, _ = _lk.lora_embedding_fwd(flat, weight, lora_A, lora_B, float(scaling), pad)
+    return y.reshape(*indices.shape, dim)
+
+
+def _standard_layout(weight: Tensor, fan_in_fan_out: bool):
+    """A fan_in_fan_out weight that is the transpose of a contiguous (out, in)
+    matrix (loralib stores it so) is passed as that matrix."""
+    if fan_in_fan_out and weight.dim() == 2 and not weight.is_contiguous() \
+            and weight.t().is_contiguous():
+        return weight.t(), False
+    return weight, bool(fan_in_fan_out)
+
+
+def _check_merge(weight, lora_A, lora_B, fan_in_fan_out, enable_lora):
+    if weight.dim() != 2:
+        _fail("weight.dim()", weight.dim(), 2)
+    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    groups = enabled_groups(enable_lora)
+    if not groups or out_f % len(enable_lora):
+        _fail("enable_lora", list(enable_lora), f"groups dividing out_features={out_f}, "
+              "at least one enabled")
+    r = lora_A.shape[0] // len(groups) if lora_A.dim() == 2 else 0
+    if lora_A.dim() != 2 or r == 0 or lora_A.shape != (r * len(groups), in_f):
+        _fail("lora_A.shape", tuple(lora_A.shape), f"(r*{len(groups)}, {in_f})")
+    if lora_B.shape != (out_f // len(enable_lora) * len(groups), r):
+        _fail("lora_B.shape", tuple(lora_B.shape), (out_f // len(enable_lora) * len(groups), r))
+    if lora_A.device != weight.device or lora_B.device != weight.device:
+        _fail("lora_A.device/lora_B.device", (lora_A.device, lora_B.device), weight.device)
+    return len(enable_lora), groups
+
+
+def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+           fan_in_fan_out: bool = False, enable_lora: Sequence[bool] = (True,)) -> None:
+    """In place: W += scaling·ΔW (in W's layout)."""
+    num_groups, groups = _check_merge(weight, lora_A, lora_B, fan_in_fan_out, enable_lora)
+    weight, fan_in_fan_out = _standard_layout(weight, fan_in_fan_out)
+    _lk.merge_(weight, lora_A, lora_B, float(scaling), fan_in_fan_out, num_groups, groups)
+
+
+def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+             fan_in_fan_out: bool = False, enable_lora: Sequence[bool] = (True,)) -> None:
+    """In place: W -= scaling·ΔW (in W's layout)."""
+    num_groups, groups = _check_merge(weight, lora_A, lora_B, fan_in_fan_out, enable_lora)
+    weight, fan_in_fan_out = _standard_layout(weight, fan_in_fan_out)
+    _lk.unmerge_(weight, lora_A, lora_B, float(scaling), fan_in_fan_out, num_groups, groups)
+
+
+def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``W + scaling·(B·A).view(W.shape)``, differentiable in W, A and B (conv layers)."""
+    if lora_B.shape[0] * lora_A.shape[1] != weight.numel():
+        _fail("lora_B.shape[0] * lora_A.shape[1]", lora_B.shape[0] * lora_A.shape[1],
+              f"weight.numel()={weight.numel()}")
+    _check_same(weight, [("lora_A", lora_A), ("lora_B", lora_B)])
+    return _lk.merged_weight(weight, lora_A, lora_B, float(scaling))
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Dropout with the Philox mask of ``lora_kernels.reference`` (fresh seed)."""
+    p = check_dropout(p)
+    if not training or p == 0.0:
+        return x
+    return _lk.dropout(x.contiguous(), draw_seed(x.device), p)

@@ -1,0 +1,36 @@
+"""``python -m lora_kernels.info``: versions and which backend can run where."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import __version__, backends
+
+
+def report() -> str:
+    lines = [f"lora_kernels {__version__}", f"torch {torch.__version__}",
+             f"python {sys.version.split()[0]} ({platform.machine()})",
+             f"requested backend: {backends.requested()}"]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        try:
+            chosen = backends.resolved_name(dev)
+        except Exception as e:  # a forced backend that cannot run
+            chosen = f"none ({e})"
+        lines.append(f"\n{dev}: auto picks {chosen}" if backends.requested() == "auto"
+                     else f"\n{dev}: runs {chosen}")
+        for name in backends.NAMES:
+            why = backends.reasons(name, dev)
+            lines.append(f"  {name:<10} " + ("available" if not why
+                                             else "unavailable: " + "; ".join(why)))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The op surface: every kernel is reached through these ``lora_kernels`` ops.
+
+Each op is a ``torch.library.custom_op`` with a fake (meta) kernel, so
+torch.compile and meta-device tracing see shapes without running anything, and
+the differentiable ones have their autograd registered here. The real work is
+done by the backend that ``lora_kernels.backends.for_device`` picks for the
+tensors' device (see that module); every backend implements the same
+functions with the same arguments:
+
+``lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
+fan_in_fan_out, num_groups, groups) -> (y, s)``
+    ``x`` is 2-D (tokens, in), any strides. ``weight`` is (out, in), or
+    (in, out) with ``fan_in_fan_out``. The ``out`` features form
+    ``num_groups`` equal groups; ``groups`` lists the ones with a low-rank
+    update, in the order of A's row blocks and B's row blocks (a plain Linear
+    is ``num_groups=1, groups=[0]``). ``s = dropout(x)·Aᵀ`` (tokens, r·len(groups)),
+    in float32 for half inputs and x's dtype otherwise, is kept for backward.
+    ``seed`` is an int64 tensor of one element on x's device; the mask is the
+    one defined in ``lora_kernels.reference``. ``dropout_p == 0`` means no
+    dropout (eval mode passes 0).
+``lora_linear_bwd(grad, x, weight, lora_A, lora_B, s, seed, scaling,
+dropout_p, fan_in_fan_out, num_groups, groups, output_mask) -> (dx, dweight,
+dbias, dA, dB)``
+    ``output_mask`` has five flags in that order; an output not asked for is
+    an empty tensor. ``x`` may be empty (numel 0) when neither dA nor dweight
+    is asked for.
+``lora_embedding_fwd(indices, weight, lora_A, lora_B, scaling) -> (y, s)``
+    (the op also takes ``padding_idx``, which only its backward uses)
+    ``indices`` is 1-D int64, ``weight`` (num, dim), A (r, num), B (dim, r);
+    ``s = Aᵀ[indices]`` (tokens, r).
+``lora_embedding_bwd(grad, indices, weight, lora_A, lora_B, s, scaling,
+padding_idx, output_mask) -> (dweight, dA, dB)``
+    ``padding_idx`` is -1 for none; the padding row gets no gradient.
+``merge_(weight, lora_A, lora_B, scaling, fan_in_fan_out, num_groups, groups)``
+    In place, ``W += scaling·ΔW`` in W's layout (unmerge passes ``-scaling``).
+``dropout(x, seed, p) -> Tensor``
+    ``x`` times the mask of x's shape (a new tensor).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+_NS = "lora_kernels"
+
+
+def lowrank_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the tokens×r product kept for backward (fp32 for half inputs)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _out_features(weight: Tensor, fan_in_fan_out: bool) -> int:
+    return weight.shape[1] if fan_in_fan_out else weight.shape[0]
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+# ---------------------------------------------------------------------------
+# Linear and MergedLinear
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                    lora_B: Tensor, seed: Tensor, scaling: float, dropout_p: float,
+                    fan_in_fan_out: bool, num_groups: int, groups: List[int]
+                    ) -> Tuple[Tensor, Tensor]:
+    return backends.for_device(x.device).lora_linear_fwd(
+        x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
+        num_groups, groups)
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
+      num_groups, groups):
+    torch._check(x.dim() == 2, lambda: f"lora_linear_fwd: x must be 2-D, got {x.dim()}-D")
+    y = x.new_empty(x.shape[0], _out_features(weight, fan_in_fan_out))
+    s = x.new_empty(x.shape[0], lora_A.shape[0], dtype=lowrank_dtype(x.dtype))
+    return y, s
+
+
+@torch.library.custom_op(f"{_NS}::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                    s: Tensor, seed: Tensor, scaling: float, dropout_p: float,
+                    fan_in_fan_out: bool, num_groups: int, groups: List[int],
+                    output_mask: List[bool]
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backends.for_device(grad.device).lora_linear_bwd(
+        grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, fan_in_fan_out,
+        num_groups, groups, output_mask)
+
+
+@lora_linear_bwd.register_fake
+def _(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, fan_in_fan_out,
+      num_groups, groups, output_mask):
+    tokens = grad.shape[0]
+    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    wants = list(output_mask)
+    dx = grad.new_empty(tokens, in_features) if wants[0] else _empty(grad)
+    dw = weight.new_empty(weight.shape) if wants[1] else _empty(weight)
+    db = grad.new_empty(grad.shape[1]) if wants[2] else _empty(grad)
+    da = lora_A.new_empty(lora_A.shape) if wants[3] else _empty(lora_A)
+    dB = lora_B.new_empty(lora_B.shape) if wants[4] else _empty(lora_B)
+    return dx, dw, db, da, dB
+
+
+def _linear_setup_context(ctx, inputs, output):
+    (x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
+     num_groups, groups) = inputs
+    _, s = output
+    ctx.mark_non_differentiable(s)
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    ctx.output_mask = [need_x, need_w, need_b, need_a, need_bb]
+    ctx.args = (scaling, dropout_p, fan_in_fan_out, num_groups, list(groups))
+    # Held for backward: x only when dA or dW needs it; s (tokens×r) only
+    # when dB or dx/dA need the low-rank branch; the seed (8 bytes) so the
+    # mask is regenerated, never stored. weight, A and B are parameters.
+    keep_x = x if (need_a or need_w) else None
+    ctx.x_shape = (x.shape, x.dtype)
+    ctx.save_for_backward(keep_x, weight, lora_A, lora_B, s, seed)
+
+
+def _linear_backward(ctx, grad_y, grad_s):
+    x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+    if x is None:
+        x = grad_y.new_empty(0)
+    mask = ctx.output_mask
+    dx, dw, db, da, dB = torch.ops.lora_kernels.lora_linear_bwd(
+        grad_y, x, weight, lora_A, lora_B, s, seed, *ctx.args[:3],
+        ctx.args[3], ctx.args[4], mask)
+    pick = lambda t, want: t if want else None  # noqa: E731
+    return (pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), pick(da, mask[3]),
+            pick(dB, mask[4]), None, None, None, None, None, None)
+
+
+lora_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Embedding
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::lora_embedding_fwd", mutates_args=())
+def lora_embedding_fwd(indices: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                       scaling: float, padding_idx: int) -> Tuple[Tensor, Tensor]:
+    return backends.for_device(weight.device).lora_embedding_fwd(
+        indices, weight, lora_A, lora_B, scaling)
+
+
+@lora_embedding_fwd.register_fake
+def _(indices, weight, lora_A, lora_B, scaling, padding_idx):
+    tokens = indices.shape[0]
+    y = weight.new_empty(tokens, weight.shape[1])
+    s = weight.new_empty(tokens, lora_A.shape[0], dtype=lowrank_dtype(weight.dtype))
+    return y, s
+
+
+@torch.library.custom_op(f"{_NS}::lora_embedding_bwd", mutates_args=())
+def lora_embedding_bwd(grad: Tensor, indices: Tensor, weight: Tensor, lora_A: Tensor,
+                       lora_B: Tensor, s: Tensor, scaling: float, padding_idx: int,
+                       output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    return backends.for_device(grad.device).lora_embedding_bwd(
+        grad, indices, weight, lora_A, lora_B, s, scaling, padding_idx, output_mask)
+
+
+@lora_embedding_bwd.register_fake
+def _(grad, indices, weight, lora_A, lora_B, s, scaling, padding_idx, output_mask):
+    wants = list(output_mask)
+    dw = weight.new_empty(weight.shape) if wants[0] else _empty(weight)
+    da = lora_A.new_empty(lora_A.shape) if wants[1] else _empty(lora_A)
+    dB = lora_B.new_empty(lora_B.shape) if wants[2] else _empty(lora_B)
+    return dw, da, dB
+
+
+def _embedding_setup_context(ctx, inputs, output):
+    indices, weight, lora_A, lora_B, scaling, padding_idx = inputs
+    _, s = output
+    ctx.mark_non_differentiable(s)
+    ctx.output_mask = list(ctx.needs_input_grad[1:4])
+    ctx.scaling = scaling
+    ctx.padding_idx = padding_idx
+    # Held for backward: the indices, s = Aᵀ[indices] (tokens×r) and the parameters.
+    ctx.save_for_backward(indices, weight, lora_A, lora_B, s)
+
+
+def _embedding_backward(ctx, grad_y, grad_s):
+    indices, weight, lora_A, lora_B, s = ctx.saved_tensors
+    mask = ctx.output_mask
+    dw, da, dB = torch.ops.lora_kernels.lora_embedding_bwd(
+        grad_y, indices, weight, lora_A, lora_B, s, ctx.scaling, ctx.padding_idx, mask)
+    return None, (dw if mask[0] else None), (da if mask[1] else None), \
+        (dB if mask[2] else None), None, None
+
+
+lora_embedding_fwd.register_autograd(_embedding_backward, setup_context=_embedding_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Merge / unmerge, merged weight (conv), dropout
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::merge_", mutates_args=("weight",))
+def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+           fan_in_fan_out: bool, num_groups: int, groups: List[int]) -> None:
+    backends.for_device(weight.device).merge_(weight, lora_A, lora_B, scaling,
+                                              fan_in_fan_out, num_groups, groups)
+
+
+@merge_.register_fake
+def _(weight, lora_A, lora_B, scaling, fan_in_fan_out, num_groups, groups):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::unmerge_", mutates_args=("weight",))
+def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+             fan_in_fan_out: bool, num_groups: int, groups: List[int]) -> None:
+    backends.for_device(weight.device).merge_(weight, lora_A, lora_B, -scaling,
+                                              fan_in_fan_out, num_groups, groups)
+
+
+@unmerge_.register_fake
+def _(weight, lora_A, lora_B, scaling, fan_in_fan_out, num_groups, groups):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::merged_weight", mutates_args=())
+def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """W + scaling·(B·A) reshaped to W's shape (W may have any rank; conv)."""
+    out = weight.contiguous().clone()
+    backends.for_device(weight.device).merge_(
+        out.view(lora_B.shape[0], lora_A.shape[1]), lora_A, lora_B, scaling, False, 1, [0])
+    return out
+
+
+@merged_weight.register_fake
+def _(weight, lora_A, lora_B, scaling):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _merged_weight_setup_context(ctx, inputs, output):
+    weight, lora_A, lora_B, scaling = inputs
+    ctx.scaling = scaling
+    ctx.save_for_backward(lora_A, lora_B)
+
+
+def _merged_weight_backward(ctx, grad):
+    lora_A, lora_B = ctx.saved_tensors
+    g = grad.reshape(lora_B.shape[0], lora_A.shape[1]).to(lora_A.dtype) * ctx.scaling
+    need_w, need_a, need_b = ctx.needs_input_grad[:3]
+    return (grad if need_w else None,
+            lora_B.t() @ g if need_a else None,
+            g @ lora_A.t() if need_b else None,
+            None)
+
+
+merged_weight.register_autograd(_merged_weight_backward,
+                                setup_context=_merged_weight_setup_context)
+
+
+@torch.library.custom_op(f"{_NS}::dropout", mutates_args=())
+def dropout(x: Tensor, seed: Tensor, p: float) -> Tensor:
+    return backends.for_device(x.device).dropout(x, seed, p)
+
+
+@dropout.register_fake
+def _(x, seed, p):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    _, seed, p = inputs
+    ctx.p = p
+    ctx.save_for_backward(seed)
+
+
+def _dropout_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    # The mask depends only on (seed, position): the gradient is the same map.
+    return torch.ops.lora_kernels.dropout(grad.contiguous(), seed, ctx.p), None, None
+
+
+dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup_context)
+
+
+OPS: Sequence = (lora_linear_fwd, lora_linear_bwd, lora_embedding_fwd, lora_embedding_bwd,
+                 merge_, unmerge_, merged_weight, dropout)
