@@ -55,12 +55,15 @@ def lora_linear_bwd(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p
         dw = grad.t() @ x
         dw = dw.t() if fan_in_fan_out else dw
     db = grad.sum(0) if want_b else _empty(grad)
-    xd = R.dropout(x, seed, dropout_p) if (want_a or want_bb) else None
-    da = torch.cat([ds.t() @ xd for ds in d_s]) if want_a else _empty(lora_A)
+    da = _empty(lora_A)
+    if want_a:
+        xd = R.dropout(x, seed, dropout_p)
+        da = torch.cat([ds.t() @ xd for ds in d_s])
     dB = _empty(lora_B)
     if want_bb:
-        dB = torch.cat([scaling * grad[:, c].t() @ (xd @ a.t())
-                        for c, a in zip(cols, a_blocks)])
+        s = s.to(grad.dtype)
+        dB = torch.cat([scaling * grad[:, c].t() @ s[:, i * r:(i + 1) * r]
+                        for i, c in enumerate(cols)])
     return dx, dw, db, da, dB
 
 
