@@ -115,7 +115,7 @@ def lora_embedding(indices: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tens
     if indices.device != weight.device:
         _fail("indices.device", indices.device, f"weight's device {weight.device}")
     flat = indices.reshape(-1).long()
-    if flat.numel() and flat.device.type == "cpu":
+    if flat.numel() and flat.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi >= num:
             _fail("indices", f"values in [{lo}, {hi}]", f"values in [0, {num - 1}]")
