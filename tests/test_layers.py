@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import lora_kernels as lk
 from lora_kernels import reference as R
-from conftest import TOL
+from tolerances import TOL
 
 
 def _nonzero_b(layer):

@@ -7,7 +7,7 @@ from torch.library import opcheck
 
 from lora_kernels import ops, reference as R
 from lora_kernels.ops import lowrank_dtype
-from conftest import TOL
+from tolerances import TOL
 
 lk = torch.ops.lora_kernels
 SEED = torch.tensor(0x5EED_1234_ABCD, dtype=torch.int64)
