@@ -14,6 +14,8 @@
 //     embedding backward (a num×dim tensor, only when asked for). dB
 //     partials are summed slot by slot in a fixed order, so every result is
 //     bitwise the same for any number of threads.
+#include <cstring>
+
 #include <torch/library.h>
 
 #include "common.h"
@@ -80,7 +82,14 @@ void lookup_and_add(const Tensor& idx, const Tensor& weight, const Tensor& A, Te
         for (int64_t k = 0; k < r; ++k) sp[t * r + k] = static_cast<acc_t>(ap[k * num + ip[t]]);
       const Tensor s_blk = s.narrow(0, r0, n);
       Tensor y_blk = y.narrow(0, r0, n);
-      at::index_select_out(y_blk, weight, 0, idx.narrow(0, r0, n));
+      if (weight.is_contiguous()) {  // row gather by memcpy: no ATen call per block
+        const scalar_t* wp = weight.data_ptr<scalar_t>();
+        scalar_t* yp = y_blk.data_ptr<scalar_t>();
+        for (int64_t t = 0; t < n; ++t)
+          std::memcpy(yp + t * dim, wp + ip[r0 + t] * dim, sizeof(scalar_t) * dim);
+      } else {
+        at::index_select_out(y_blk, weight, 0, idx.narrow(0, r0, n));
+      }
       if constexpr (kSame) {
         mm_rm(y_blk, s_blk, Bt, /*add=*/true, n == kRowBlock);
       } else {
