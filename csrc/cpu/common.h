@@ -80,6 +80,23 @@ inline void check_shape(const char* op, const char* name, const Tensor& t,
               at::IntArrayRef(expected), " (", why, "), got ", shape_str(t));
 }
 
+// The operands both linear ops check alike: ref (x or grad) and weight are
+// 2-D floating CPU tensors; weight, lora_A and lora_B have ref's dtype.
+inline void check_linear_operands(const char* op, const char* ref_name, const Tensor& ref,
+                                  const Tensor& weight, const Tensor& lora_A,
+                                  const Tensor& lora_B) {
+  check_cpu(op, ref_name, ref);
+  check_dim(op, ref_name, ref, 2);
+  check_floating(op, ref_name, ref);
+  check_cpu(op, "weight", weight);
+  check_dim(op, "weight", weight, 2);
+  check_same_dtype(op, "weight", weight, ref_name, ref);
+  check_cpu(op, "lora_A", lora_A);
+  check_cpu(op, "lora_B", lora_B);
+  check_same_dtype(op, "lora_A", lora_A, ref_name, ref);
+  check_same_dtype(op, "lora_B", lora_B, ref_name, ref);
+}
+
 inline void check_dropout_p(const char* op, double p) {
   TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": dropout probability must be in [0, 1], got ", p);
 }

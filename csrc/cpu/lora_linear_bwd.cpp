@@ -185,16 +185,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_impl(
               output_mask.size());
   const bool want_dx = output_mask[0], want_dw = output_mask[1], want_db = output_mask[2],
              want_dA = output_mask[3], want_dB = output_mask[4];
-  check_cpu(kOp, "grad", grad);
-  check_dim(kOp, "grad", grad, 2);
-  check_floating(kOp, "grad", grad);
-  check_cpu(kOp, "weight", weight);
-  check_dim(kOp, "weight", weight, 2);
-  check_same_dtype(kOp, "weight", weight, "grad", grad);
-  check_cpu(kOp, "lora_A", lora_A);
-  check_cpu(kOp, "lora_B", lora_B);
-  check_same_dtype(kOp, "lora_A", lora_A, "grad", grad);
-  check_same_dtype(kOp, "lora_B", lora_B, "grad", grad);
+  check_linear_operands(kOp, "grad", grad, weight, lora_A, lora_B);
   const int64_t T = grad.size(0);
   const int64_t out = grad.size(1);
   const int64_t w_out = fan_in_fan_out ? weight.size(1) : weight.size(0);

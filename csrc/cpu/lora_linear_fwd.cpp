@@ -129,16 +129,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
                                                 const Tensor& seed, double scaling,
                                                 double dropout_p, bool fan_in_fan_out,
                                                 int64_t num_groups, at::IntArrayRef groups) {
-  check_cpu(kOp, "x", x);
-  check_dim(kOp, "x", x, 2);
-  check_floating(kOp, "x", x);
-  check_cpu(kOp, "weight", weight);
-  check_dim(kOp, "weight", weight, 2);
-  check_same_dtype(kOp, "weight", weight, "x", x);
-  check_cpu(kOp, "lora_A", lora_A);
-  check_cpu(kOp, "lora_B", lora_B);
-  check_same_dtype(kOp, "lora_A", lora_A, "x", x);
-  check_same_dtype(kOp, "lora_B", lora_B, "x", x);
+  check_linear_operands(kOp, "x", x, weight, lora_A, lora_B);
   const int64_t T = x.size(0);
   const int64_t in = x.size(1);
   const int64_t w_in = fan_in_fan_out ? weight.size(0) : weight.size(1);
