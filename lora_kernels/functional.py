@@ -52,6 +52,17 @@ def _no_seed(x: Tensor) -> Tensor:
     return x.new_zeros((), dtype=torch.int64)
 
 
+def _autocast(x: Tensor, *tensors):
+    """Under torch.autocast, cast the operands to the autocast dtype as
+    F.linear's autocast rule does (the op itself is not on autocast's lists)."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return (x,) + tensors
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t
+                 for t in (x,) + tensors)
+
+
 def enabled_groups(enable_lora: Sequence[bool]):
     return [i for i, on in enumerate(enable_lora) if on]
 
@@ -63,6 +74,7 @@ def lora_grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     """MergedLinear's form: out features in ``len(enable_lora)`` equal groups,
     each enabled group with its own rank-r update (A: r·E×in, B: out/G·E×r)."""
     dropout_p = check_dropout(dropout_p)
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     groups = enabled_groups(enable_lora)
     num_groups = len(enable_lora)
     if weight.dim() != 2:

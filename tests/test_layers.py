@@ -149,3 +149,15 @@ def test_merge_unmerge_round_trip(backend):
         assert not torch.equal(layer.weight, w0)
         layer.train()
     torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-5)
+
+
+def test_autocast_runs_the_op_in_the_autocast_dtype(backend):
+    layer = _nonzero_b(lk.MergedLinear(16, 12, r=4, enable_lora=[True, False, True]))
+    x = torch.randn(5, 16)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, **TOL[torch.bfloat16])
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32
