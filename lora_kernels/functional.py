@@ -56,7 +56,7 @@ def _autocast(x: Tensor, *tensors):
     """Under torch.autocast, cast the operands to the autocast dtype as
     F.linear's autocast rule does (the op itself is not on autocast's lists)."""
     kind = x.device.type
-    if not torch.is_autocast_enabled(kind):
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
         return (x,) + tensors
     dtype = torch.get_autocast_dtype(kind)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t
