@@ -1,8 +1,8 @@
 """The C++ CPU kernels (torch.ops.lora_kernels_cpu) against the reference backend.
 
 Every op is called directly with the contract's argument list and compared with
-``lora_kernels.backends.reference`` (the same functions, computed from the plain
-formula and torch's autograd):
+``lora_kernels.backends.reference`` (the same functions, computed with plain
+torch from the reference formula and its gradients):
 
 * float64: the dropout mask is bit-identical, so results agree to ~1e-12;
 * float32 / bfloat16 / float16: the kernel and the reference are both run on the
