@@ -35,7 +35,7 @@ among them, leaving out the layer's parameters and buffers, the input and the
 output (memory the caller holds anyway). A tensor kept on ``ctx`` as a plain
 attribute is not seen; none of the providers here does that.
 
-The setup is shared with ``benchmarks/test_layers.py`` (pytest-benchmark):
+The setup is shared with ``benchmarks/test_bench_layers.py`` (pytest-benchmark):
 ``make_providers`` builds the cases, ``Case.step`` is what gets timed.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ HELD_METHOD = ("held MB: bytes of the distinct storages autograd saves for backw
 
 
 # ---------------------------------------------------------------------------
-# Setup (shared with benchmarks/test_layers.py)
+# Setup (shared with benchmarks/test_bench_layers.py)
 # ---------------------------------------------------------------------------
 
 @dataclass
