@@ -19,7 +19,7 @@ instead (README, "Where we differ from loralib"):
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn as nn

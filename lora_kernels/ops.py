@@ -121,7 +121,6 @@ def _linear_setup_context(ctx, inputs, output):
     # when dB or dx/dA need the low-rank branch; the seed (8 bytes) so the
     # mask is regenerated, never stored. weight, A and B are parameters.
     keep_x = x if (need_a or need_w) else None
-    ctx.x_shape = (x.shape, x.dtype)
     ctx.save_for_backward(keep_x, weight, lora_A, lora_B, s, seed)
 
 

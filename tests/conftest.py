@@ -1,8 +1,6 @@
-import os
 import warnings
 
 import pytest
-import torch
 
 import lora_kernels
 from lora_kernels import backends

@@ -12,7 +12,6 @@ torch from the reference formula and its gradients):
 * every result is bitwise the same with 1 and 2 threads;
 * bad inputs raise RuntimeError naming the argument.
 """
-import itertools
 
 import pytest
 import torch
