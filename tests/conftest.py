@@ -1,16 +1,7 @@
-import warnings
-
 import pytest
 
 import lora_kernels
 from lora_kernels import backends
-
-warnings.filterwarnings("ignore", message="lora_kernels: running the unfused reference")
-
-
-def cpu_backends():
-    """Backends that can run on CPU tensors here (reference always)."""
-    return [name for name in backends.NAMES if not backends.reasons(name, "cpu")]
 
 
 @pytest.fixture(params=list(backends.NAMES))
