@@ -110,6 +110,16 @@ def test_embedding_forward_and_gradients_float64(backend, tokens, num, dim, r, p
         torch.testing.assert_close(t.grad, u.grad, **TOL[torch.float64])
 
 
+def test_embedding_with_a_non_contiguous_weight(backend):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 13, generator=g, dtype=torch.float64).t()  # (13, 6), strided
+    a = torch.randn(2, 13, generator=g, dtype=torch.float64)
+    bb = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, 13, (200,), generator=g)
+    y, _ = lk.lora_embedding_fwd(idx, w, a, bb, 0.5, -1)
+    torch.testing.assert_close(y, R.lora_embedding(idx, w, a, bb, 0.5), **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fifo,G,groups", [(False, 1, [0]), (True, 1, [0]), (False, 3, [0, 2]),
                                            (True, 2, [1])])
