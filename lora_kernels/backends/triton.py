@@ -1,7 +1,9 @@
-"""The Triton backend (GPU, or CPU tensors under TRITON_INTERPRET=1).
+"""The Triton backend: kernels from ``lora_kernels/triton`` (one op per file,
+registered as ``torch.ops.lora_kernels_triton.*`` with ``triton_op``).
 
-Its kernels are not part of this release yet; this module reports why it
-cannot run, so ``python -m lora_kernels.info`` and forced selection say so.
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the
+interpreter: slow, for tests). The op modules are imported on first use, so
+the environment variable only has to be set before the first op runs.
 """
 from __future__ import annotations
 
@@ -12,16 +14,58 @@ import torch
 
 NAME = "triton"
 
+_loaded = False
+
 
 def not_supported_reasons(device: torch.device):
     why = []
     if importlib.util.find_spec("triton") is None:
         why.append("triton is not installed")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        why.append("no GPU and TRITON_INTERPRET is not set")
-    elif device.type not in ("cpu", "cuda"):
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            why.append("no GPU and TRITON_INTERPRET is not set")
+    elif device.type != "cuda":
         why.append(f"runs on cuda tensors (or cpu under TRITON_INTERPRET=1), got {device.type}")
-    elif device.type == "cuda" and not torch.cuda.is_available():
+    elif not torch.cuda.is_available():
         why.append("CUDA is not available")
-    why.append("the Triton kernels are not included in this version")
     return why
+
+
+def _ops():
+    global _loaded
+    if not _loaded:
+        from .. import triton as kernels
+
+        kernels.load()
+        _loaded = True
+    return torch.ops.lora_kernels_triton
+
+
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
+                    fan_in_fan_out, num_groups, groups):
+    return _ops().lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
+                                  fan_in_fan_out, num_groups, groups)
+
+
+def lora_linear_bwd(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p,
+                    fan_in_fan_out, num_groups, groups, output_mask):
+    return _ops().lora_linear_bwd(grad, x, weight, lora_A, lora_B, s, seed, scaling,
+                                  dropout_p, fan_in_fan_out, num_groups, groups, output_mask)
+
+
+def lora_embedding_fwd(indices, weight, lora_A, lora_B, scaling):
+    return _ops().lora_embedding_fwd(indices, weight, lora_A, lora_B, scaling)
+
+
+def lora_embedding_bwd(grad, indices, weight, lora_A, lora_B, s, scaling, padding_idx,
+                       output_mask):
+    return _ops().lora_embedding_bwd(grad, indices, weight, lora_A, lora_B, s, scaling,
+                                     padding_idx, output_mask)
+
+
+def merge_(weight, lora_A, lora_B, scaling, fan_in_fan_out, num_groups, groups):
+    _ops().merge_(weight, lora_A, lora_B, scaling, fan_in_fan_out, num_groups, groups)
+
+
+def dropout(x, seed, p):
+    return _ops().dropout(x, seed, p)

@@ -1,0 +1,108 @@
+"""Host-side helpers shared by the Triton ops: launch configurations, dtype
+mapping, the dropout threshold, and the grouped B of MergedLinear."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference as R
+
+NAMESPACE = "lora_kernels_triton"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_enabled() -> bool:
+    """Autotuning needs a GPU; ``LORA_KERNELS_TRITON_AUTOTUNE=0`` keeps the
+    first (safe) config of each list."""
+    return not interpreting() and os.environ.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
+def configs(gpu: Sequence[dict], interpret: dict, warps: Sequence[int] = (),
+            stages: Sequence[int] = ()):
+    """Autotune configs: the GPU list (Ampere and Hopper sizes), or a single
+    small config under the interpreter (small blocks so the tests' odd shapes
+    span several tiles)."""
+    if interpreting():
+        return [triton.Config(dict(interpret), num_warps=1, num_stages=1)]
+    out = []
+    for i, kw in enumerate(gpu):
+        out.append(triton.Config(dict(kw), num_warps=warps[i] if warps else 4,
+                                 num_stages=stages[i] if stages else 3))
+    return out if autotune_enabled() else out[:1]
+
+
+def acc_type(dtype: torch.dtype):
+    """Accumulator: fp64 for fp64 inputs, fp32 for everything else."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 products run as TF32 on the GPU (as torch's default matmul does
+    with allow_tf32) unless LORA_KERNELS_TRITON_TF32=0; other dtypes exact."""
+    if dtype == torch.float32 and not interpreting() \
+            and os.environ.get("LORA_KERNELS_TRITON_TF32", "1") != "0":
+        return "tf32"
+    return "ieee"
+
+
+def lowrank_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def dropout_args(p: float):
+    """(threshold, keep scale) of the mask defined in ``lora_kernels.reference``."""
+    return R.dropout_threshold(p), R.dropout_keep_scale(p)
+
+
+def pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def parallel_programs(device: torch.device) -> int:
+    """Programs that keep the device busy (4 per SM); small under the
+    interpreter, where programs run one after another."""
+    if device.type != "cuda":
+        return 4
+    return 4 * _sm_count(device.index if device.index is not None else
+                         torch.cuda.current_device())
+
+
+def grouped_b(lora_B: torch.Tensor, out_features: int, num_groups: int,
+              groups: Sequence[int]) -> torch.Tensor:
+    """B laid out over all output features: (out, r·len(groups)), with group
+    ``groups[i]``'s rows of B_i in columns i·r..(i+1)·r and zeros elsewhere.
+    A plain Linear (one group, all enabled) uses lora_B itself. This is the
+    only padded tensor, out × r·G, never tokens × out."""
+    e = len(groups)
+    if num_groups == 1 and e == 1:
+        return lora_B
+    size = out_features // num_groups
+    r = lora_B.shape[1]
+    full = lora_B.new_zeros(out_features, r * e)
+    for i, g in enumerate(groups):
+        full[g * size:(g + 1) * size, i * r:(i + 1) * r] = lora_B[i * size:(i + 1) * size]
+    return full
+
+
+def ungroup_db(dB_full: torch.Tensor, out_features: int, num_groups: int,
+               groups: Sequence[int], r: int) -> torch.Tensor:
+    """The inverse of ``grouped_b`` for a gradient: lora_B's (size·G, r) rows."""
+    e = len(groups)
+    if num_groups == 1 and e == 1:
+        return dB_full
+    size = out_features // num_groups
+    return torch.cat([dB_full[g * size:(g + 1) * size, i * r:(i + 1) * r]
+                      for i, g in enumerate(groups)])

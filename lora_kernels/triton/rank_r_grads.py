@@ -1,0 +1,108 @@
+"""dS and dB of a rank-r branch from one read of the incoming gradient g
+(shared by the Linear and Embedding backward ops):
+
+    dS = scaling · g·B_full        (tokens × R)   — needed by dx and dA
+    dB = scaling · gᵀ·S            (out × R)
+
+Both reduce g over a different axis, so one kernel reading each g tile once
+must leave one of them partial. The grid is (column chunks of g) × (row
+slots): a program walks its slot's row blocks over its column chunk, adds
+each g tile's contribution to dB into its own private (chunk, slot) region
+(load-add-store in fixed row order; no atomics) and writes dS partial sums
+per column chunk. The host sums the few partials (column chunks for dS, row
+slots for dB) with torch, in a fixed order: results are deterministic.
+Partial sizes: chunks × tokens × R and slots × out × R, in fp32 — small next
+to g (tokens × out) for r ≪ out.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .common import acc_type, configs, dot_precision, interpreting, parallel_programs, \
+    pow2_at_least_16
+
+
+@triton.autotune(configs=configs([dict(BM=64, BN=128), dict(BM=128, BN=64), dict(BM=64, BN=64)],
+                                 dict(BM=16, BN=16), warps=[4, 8, 4]),
+                 key=["N", "R", "CHUNK_COLS"])
+@triton.jit
+def _rank_r_grads_kernel(g_ptr, s_ptr, b_ptr, ds_ptr, db_ptr, M, N, R, scaling,
+                         stride_gm, stride_gn, stride_sm, stride_bn, stride_br,
+                         stride_dsc, stride_dbs, CHUNK_COLS, num_slots,
+                         WANT_DS: tl.constexpr, WANT_DB: tl.constexpr, ACC: tl.constexpr,
+                         PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr):
+    chunk = tl.program_id(0)
+    slot = tl.program_id(1)
+    dtype = g_ptr.dtype.element_ty
+    rr = tl.arange(0, BR)
+    n_begin = chunk * CHUNK_COLS  # a multiple of every config's BN
+    n_end = min(n_begin + CHUNK_COLS, N)
+    for mb in range(slot, tl.cdiv(M, BM), num_slots):
+        rm = mb * BM + tl.arange(0, BM)
+        if WANT_DB:
+            s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :],
+                        mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0).to(dtype)
+        ds = tl.zeros((BM, BR), dtype=ACC)
+        for n0 in range(n_begin, n_end, BN):
+            rn = n0 + tl.arange(0, BN)
+            g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
+                        mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+            if WANT_DS:
+                b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                            mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+                ds = tl.dot(g, b, ds, input_precision=PREC)
+            if WANT_DB:
+                part = tl.dot(tl.trans(g), s, input_precision=PREC, out_dtype=ACC) * scaling
+                ptrs = db_ptr + slot * stride_dbs + rn[:, None] * BR + rr[None, :]
+                if mb != slot:  # not this program's first row block: accumulate
+                    part += tl.load(ptrs, mask=rn[:, None] < N, other=0.0)
+                tl.store(ptrs, part, mask=rn[:, None] < N)
+        if WANT_DS:
+            tl.store(ds_ptr + chunk * stride_dsc + rm[:, None] * BR + rr[None, :], ds * scaling,
+                     mask=rm[:, None] < M)
+
+
+def rank_r_grads(g, s, b_full, scaling, want_ds, want_db):
+    """(dS, dB_full): dS (tokens × R) in the low-rank accumulator dtype, dB_full
+    (out × R) likewise; None for the one not asked for."""
+    M, N = g.shape
+    R = b_full.shape[1]
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    if not (want_ds or want_db):
+        return None, None
+    if M == 0 or N == 0 or R == 0:
+        return (g.new_zeros(M, R, dtype=acc) if want_ds else None,
+                g.new_zeros(N, R, dtype=acc) if want_db else None)
+    BR = pow2_at_least_16(R)
+    # Column chunks and row slots: about parallel_programs() programs, with
+    # enough row blocks per slot to amortise its dB region (BM ≥ 16 always).
+    programs = parallel_programs(g.device)
+    n_blocks16 = triton.cdiv(N, 16)
+    chunks = max(1, min(8, n_blocks16)) if not interpreting() else min(2, n_blocks16)
+    # Chunk width in units of the smallest BN that any config uses (64 on a
+    # GPU, 16 in the interpreter), so every config covers it with whole blocks.
+    unit = 16 if interpreting() else 128
+    per_chunk_cols = triton.cdiv(triton.cdiv(N, chunks), unit) * unit
+    chunks = triton.cdiv(N, per_chunk_cols)
+    slots = max(1, min(triton.cdiv(M, 16), programs // chunks))
+    ds = g.new_empty(chunks, M, BR, dtype=acc) if want_ds else g.new_empty(0, dtype=acc)
+    db = g.new_empty(slots, N, BR, dtype=acc) if want_db else g.new_empty(0, dtype=acc)
+    # The kernel's BM is chosen by autotuning; slots with no row block leave
+    # their dB region unwritten, so it starts at zero.
+    if want_db:
+        db.zero_()
+
+    def grid(meta):
+        return (chunks, slots)
+
+    wrap_triton(_rank_r_grads_kernel)[grid](
+        g, s if s is not None else g, b_full, ds, db, M, N, R, scaling,
+        g.stride(0), g.stride(1), s.stride(0) if s is not None else 0,
+        b_full.stride(0), b_full.stride(1), M * BR, N * BR,
+        per_chunk_cols, slots, WANT_DS=want_ds, WANT_DB=want_db,
+        ACC=acc_type(g.dtype), PREC=dot_precision(g.dtype), BR=BR)
+    d_s = ds.sum(0)[:, :R] if want_ds else None
+    d_b = db.sum(0)[:, :R] if want_db else None
+    return d_s, d_b
