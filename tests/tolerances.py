@@ -16,5 +16,6 @@ def skip_unreliable(backend: str, dtype: torch.dtype) -> None:
 
     import pytest
 
-    if backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "triton" and dtype == torch.bfloat16 and interpreted:
         pytest.skip("triton interpreter: bf16 arithmetic is unreliable (checked on a GPU)")
