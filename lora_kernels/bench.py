@@ -12,17 +12,33 @@ such layer):
     reference.
 ``lora_kernels``
     This package's layer, on whatever backend ``auto`` picks (the header says which).
+``triton``, ``cuda``
+    This package's layer with that backend forced (``lora_kernels.use_backend``)
+    for the forward and the backward; skipped with the backend's reasons where
+    it cannot run (triton: a CUDA device, or CPU only under ``TRITON_INTERPRET=1``,
+    the interpreter, far too slow for anything but tiny shapes; cuda: the CUDA
+    C++ kernels, not built yet).
 ``loralib``
     loralib's layer of the same name.
 ``peft``
     PEFT's LoRA layer wrapped around the same base layer (no MergedLinear).
 
+Default providers depend on the device (``DEFAULT_PROVIDERS``): on CPU
+floor, reference, lora_kernels, loralib, peft (no triton: the interpreter is
+far too slow); on CUDA floor, reference, triton, cuda, loralib, peft (there
+``lora_kernels`` is ``auto``, which is cuda or else triton, so it would
+duplicate one of them).
+
 Every provider gets the same W, bias, A and B (B non-zero, so the low-rank
 branch is really computed), the same input values and the same upstream
 gradient; frozen W and bias, trainable LoRA parameters, train mode. One
 repetition times ``y = layer(x); y.backward(g)`` with the gradients set to
-None beforehand; providers take turns within each repetition (round robin, the
-starting provider rotating) so machine noise falls on all of them alike.
+None beforehand. On CPU, providers take turns within each repetition (round
+robin, the starting provider rotating) so machine noise falls on all of them
+alike, timed with ``time.perf_counter``. On CUDA each provider is timed in turn
+by ``triton.testing.do_bench`` (CUDA events, L2 cache cleared before each run;
+the timed callable sets the grads to None and then runs the step), which
+reports the median, p20 and p80.
 
 Bytes held for backward
 -----------------------
@@ -41,6 +57,7 @@ The setup is shared with ``benchmarks/test_bench_layers.py`` (pytest-benchmark):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import importlib
@@ -53,7 +70,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -63,7 +80,15 @@ from . import __version__, backends
 from . import reference as R
 
 LAYERS = ("linear", "merged", "embedding", "conv2d")
-PROVIDERS = ("floor", "reference", "lora_kernels", "loralib", "peft")
+PROVIDERS = ("floor", "reference", "lora_kernels", "triton", "cuda", "loralib", "peft")
+# Providers that are the lora_kernels layer with one backend forced.
+BACKEND_PROVIDERS = ("triton", "cuda")
+# Default --providers per device type: no triton on CPU (the interpreter is far
+# too slow); no lora_kernels on CUDA (auto is cuda or triton, listed already).
+DEFAULT_PROVIDERS = {
+    "cpu": ("floor", "reference", "lora_kernels", "loralib", "peft"),
+    "cuda": ("floor", "reference", "triton", "cuda", "loralib", "peft"),
+}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 CSV_COLUMNS = ("kernel", "provider", "mode", "metric", "unit", "x", "median", "p20", "p80",
@@ -73,6 +98,34 @@ CSV_COLUMNS = ("kernel", "provider", "mode", "metric", "unit", "x", "median", "p
 DEFAULT_FEATURES = {"linear": (1024, 1024), "merged": (1024, 3072),
                     "embedding": (8192, 1024), "conv2d": (128, 128)}
 MODE = "full"  # forward + backward
+
+def default_providers(device) -> tuple:
+    return DEFAULT_PROVIDERS.get(torch.device(device).type, DEFAULT_PROVIDERS["cpu"])
+
+
+_BACKEND_ENV = "LORA_KERNELS_BACKEND"
+
+
+@contextlib.contextmanager
+def forced_backend(name: Optional[str]):
+    """Run the block's ops (forward and backward) on backend ``name``; ``None``
+    changes nothing. ``use_backend`` is thread-local, and on CUDA autograd runs
+    backward on its own device thread, which sees only the environment variable:
+    so ``LORA_KERNELS_BACKEND`` is set for the same span as well."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get(_BACKEND_ENV)
+    os.environ[_BACKEND_ENV] = name
+    try:
+        with backends.use_backend(name):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(_BACKEND_ENV, None)
+        else:
+            os.environ[_BACKEND_ENV] = old
+
 
 HELD_METHOD = ("held MB: bytes of the distinct storages autograd saves for backward during one "
                "forward (torch.autograd.graph.saved_tensors_hooks; sees save_for_backward of "
@@ -98,6 +151,11 @@ class Case:
     tokens: int = 0
     version: str = ""
     skip: Optional[str] = None                # why it does not run here
+    backend: Optional[str] = None             # lora_kernels backend forced for fwd + bwd
+
+    def using_backend(self):
+        """The context that forces ``backend`` (a no-op when it is None)."""
+        return forced_backend(self.backend)
 
     def zero_grad(self) -> None:
         for t in self.trainable:
@@ -106,9 +164,11 @@ class Case:
             self.x.grad = None
 
     def step(self) -> None:
-        y = self.forward()
-        if self.backward:
-            y.backward(self.grad)
+        # Backward dispatches the ops again: the backend must cover it too.
+        with forced_backend(self.backend):
+            y = self.forward()
+            if self.backward:
+                y.backward(self.grad)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -244,10 +304,13 @@ def make_providers(layer: str = "linear", in_features: Optional[int] = None,
                    out_features: Optional[int] = None, tokens: int = 2048, rank: int = 16,
                    alpha: Optional[float] = None, dropout: float = 0.05, dtype="float32",
                    device="cpu", enable_lora="1,0,1", kernel_size: int = 3,
-                   image_size: int = 32, providers: Sequence[str] = PROVIDERS,
+                   image_size: int = 32, providers: Optional[Sequence[str]] = None,
                    seed: int = 0) -> Dict[str, Case]:
-    """One ``Case`` per provider (in ``providers`` order); a provider that
-    cannot run has ``skip`` set to the reason and nothing else."""
+    """One ``Case`` per provider (in ``providers`` order, default
+    ``default_providers(device)``); a provider that cannot run has ``skip`` set
+    to the reason and nothing else."""
+    if providers is None:
+        providers = default_providers(device)
     if layer not in LAYERS:
         raise ValueError(f"layer: got {layer!r}, expected one of {', '.join(LAYERS)}")
     d_in, d_out = DEFAULT_FEATURES[layer]
@@ -302,8 +365,8 @@ def make_providers(layer: str = "linear", in_features: Optional[int] = None,
         module.to(device=device, dtype=dtype).train()
         _freeze_all_but_lora(module)
         x = new_x()
-        return Case(name, description, lambda: module(x), x, grad, _trainable(module), _owned(module),
-                    tokens=n_tokens, version=version)
+        return Case(name, description, lambda: module(x), x, grad, _trainable(module),
+                    _owned(module), tokens=n_tokens, version=version)
 
     torch_version = f"torch {torch.__version__}"
     seeds = itertools.count(seed)
@@ -311,8 +374,9 @@ def make_providers(layer: str = "linear", in_features: Optional[int] = None,
     for name in providers:
         try:
             builder = {"floor": _floor, "reference": _reference, "lora_kernels": _lora_kernels,
-                       "loralib": _loralib, "peft": _peft}[name]
-            cases[name] = builder(layer=layer, T=T, in_f=in_f, out_f=out_f, rank=rank,
+                       "triton": _forced, "cuda": _forced, "loralib": _loralib,
+                       "peft": _peft}[name]
+            cases[name] = builder(name=name, layer=layer, T=T, in_f=in_f, out_f=out_f, rank=rank,
                                   alpha=alpha, scaling=scaling, p=p, enable=enable,
                                   k=kernel_size, pad=pad, device=device, dtype=dtype,
                                   new_x=new_x, grad=grad, n_tokens=n_tokens, seeds=seeds,
@@ -384,6 +448,25 @@ def _lora_kernels(layer, T, in_f, out_f, rank, alpha, p, enable, k, pad, device,
     version = f"lora_kernels {__version__} ({lora_kernels_backend(device).split()[0]} backend)"
     return _loralib_like(lk, "lora_kernels", layer, T, in_f, out_f, rank, alpha, p, enable, k,
                          pad, case_for_module, version)
+
+
+def _forced(name, layer, T, in_f, out_f, rank, alpha, p, enable, k, pad, device,
+            case_for_module, **_):
+    """The lora_kernels layer with backend ``name`` forced for forward and backward."""
+    why = backends.reasons(name, device)
+    if why:
+        return Case(name, "", skip=f"backend {name} cannot run on {device.type}: "
+                                   + "; ".join(why), backend=name)
+    import lora_kernels as lk
+    version = f"lora_kernels {__version__} ({name} backend"
+    if name == "triton":
+        version += f", triton {_package_version('triton')}"
+    case = _loralib_like(lk, name, layer, T, in_f, out_f, rank, alpha, p, enable, k, pad,
+                         case_for_module, version + ")")
+    case.description = case.description.replace(f"{name}.", "lora_kernels.", 1) + (
+        f", {name} backend forced (forward and backward)")
+    case.backend = name
+    return case
 
 
 def _loralib(layer, T, in_f, out_f, rank, alpha, p, enable, k, pad, case_for_module, **_):
@@ -480,14 +563,15 @@ def held_bytes(case: Case) -> int:
             saved[("id", id(t))] = t.numel() * t.element_size()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with case.using_backend(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = case.forward()
     mine = list(case.owned) + [t for t in (case.x, y) if t is not None]
     for t in mine:
         saved.pop((t.device, t.untyped_storage().data_ptr()), None)
     total = sum(saved.values())
     if case.backward:
-        y.backward(case.grad)  # frees the graph
+        with case.using_backend():
+            y.backward(case.grad)  # frees the graph
     del y
     case.zero_grad()
     return total
@@ -507,26 +591,65 @@ class Result:
     times_ms: List[float]
     held: int
     peak: Optional[int] = None
+    # (median, p20, p80) when the timer reports quantiles (do_bench), not times
+    quantiles: Optional[Tuple[float, float, float]] = None
 
     @property
     def median(self):
-        return _quantile(self.times_ms, 0.5)
+        return self.quantiles[0] if self.quantiles else _quantile(self.times_ms, 0.5)
 
     @property
     def p20(self):
-        return _quantile(self.times_ms, 0.2)
+        return self.quantiles[1] if self.quantiles else _quantile(self.times_ms, 0.2)
 
     @property
     def p80(self):
-        return _quantile(self.times_ms, 0.8)
+        return self.quantiles[2] if self.quantiles else _quantile(self.times_ms, 0.8)
 
 
-def run_cases(cases: Dict[str, Case], repeat: int, warmup: int, device, progress=None
+# How the timed repetitions are run: "round_robin" (time.perf_counter, providers
+# interleaved; the CPU default) or "do_bench" (triton.testing.do_bench, one
+# provider after another; the CUDA default).
+TIMINGS = ("round_robin", "do_bench")
+
+
+def default_timing(device) -> str:
+    return "do_bench" if torch.device(device).type == "cuda" else "round_robin"
+
+
+def _do_bench(fn: Callable[[], None], warmup_ms: float, rep_ms: float) -> List[float]:
+    """[median, p20, p80] in ms of ``fn`` by ``triton.testing.do_bench``."""
+    from triton.testing import do_bench
+    return list(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
+
+
+def timing_note(timing: str, repeat: int, warmup: int, warmup_ms: float, rep_ms: float) -> str:
+    what = "`y = layer(x); y.backward(g)`"
+    if timing == "do_bench":
+        return (f"times: triton.testing.do_bench (CUDA events, L2 cache cleared before each run) "
+                f"of {what} with the grads set to None inside the timed callable, "
+                f"warmup {warmup_ms:g} ms, rep {rep_ms:g} ms, providers one after another "
+                f"(after {warmup} untimed steps each); median, p20, p80 from "
+                "quantiles=[0.5, 0.2, 0.8]; x floor = median / floor's median")
+    return (f"times: wall clock (time.perf_counter) of {what} over {repeat} repetitions "
+            f"(+{warmup} warmup), grads set to None between them, providers interleaved "
+            "round robin; x floor = median / floor's median")
+
+
+def run_cases(cases: Dict[str, Case], repeat: int, warmup: int, device, progress=None,
+              timing: Optional[str] = None, warmup_ms: float = 25.0, rep_ms: float = 100.0
               ) -> Dict[str, Result]:
-    """Warm up, measure held bytes, then time ``repeat`` round-robin repetitions.
-    A provider that raises is marked skipped (``case.skip``) and left out."""
+    """Warm up, measure held bytes (and peak memory on CUDA), then time: with
+    ``timing="round_robin"`` (the CPU default) ``repeat`` round-robin repetitions
+    timed by ``time.perf_counter``; with ``"do_bench"`` (the CUDA default)
+    ``triton.testing.do_bench`` per provider (``warmup_ms``, ``rep_ms``;
+    ``repeat`` unused). A provider that raises is marked skipped
+    (``case.skip``) and left out."""
     device = torch.device(device)
     cuda = device.type == "cuda"
+    timing = default_timing(device) if timing is None else timing
+    if timing not in TIMINGS:
+        raise ValueError(f"timing: got {timing!r}, expected one of {', '.join(TIMINGS)}")
 
     def sync():
         if cuda:
@@ -557,6 +680,8 @@ def run_cases(cases: Dict[str, Case], repeat: int, warmup: int, device, progress
             active.remove(c)
             if progress is not None:
                 progress.update(warmup + repeat - done)
+    if timing == "do_bench":
+        return _run_do_bench(active, held, peak, repeat, warmup_ms, rep_ms, progress)
     times = {c.provider: [] for c in active}
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -580,6 +705,27 @@ def run_cases(cases: Dict[str, Case], repeat: int, warmup: int, device, progress
         c.zero_grad()
     return {c.provider: Result(c.provider, c.tokens, times[c.provider], held[c.provider],
                                peak.get(c.provider)) for c in active}
+
+
+def _run_do_bench(active: List[Case], held, peak, repeat, warmup_ms, rep_ms, progress
+                  ) -> Dict[str, Result]:
+    out = {}
+    for c in list(active):
+        def fn(c=c):
+            c.zero_grad()
+            c.step()
+        try:
+            med, p20, p80 = _do_bench(fn, warmup_ms, rep_ms)
+        except Exception as e:
+            c.skip = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            active.remove(c)
+        else:
+            out[c.provider] = Result(c.provider, c.tokens, [], held[c.provider],
+                                     peak.get(c.provider), (med, p20, p80))
+        c.zero_grad()
+        if progress is not None:
+            progress.update(repeat)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -730,9 +876,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m lora_kernels.bench",
         description="Time forward+backward of one LoRA layer for several providers "
-                    "(floor, reference, lora_kernels, loralib, peft) and print a table.",
-        epilog=HELD_METHOD + ". Times: wall clock of `y = layer(x); y.backward(g)`, grads set "
-               "to None between repetitions, providers interleaved round robin.",
+                    f"({', '.join(PROVIDERS)}) and print a table. triton and cuda are the "
+                    "lora_kernels layer with that backend forced for forward and backward "
+                    "(skipped, with the reasons, where the backend cannot run).",
+        epilog=HELD_METHOD + ". Times: `y = layer(x); y.backward(g)` with grads set to None "
+               "before each run; on cpu wall clock (time.perf_counter) with providers "
+               "interleaved round robin (--repeat, --warmup); on cuda "
+               "triton.testing.do_bench per provider (--warmup-ms, --rep-ms; median, p20, p80 "
+               "from its quantiles), plus torch.cuda.max_memory_allocated peak memory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--layer", choices=LAYERS, default="linear")
     ap.add_argument("--in-features", type=int, default=None,
@@ -752,11 +903,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lora_dropout (ignored for embedding, which loralib gives none)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--repeat", type=int, default=20,
-                    help="timed repetitions (median, p20, p80 reported)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed repetitions per provider")
+                    help="cpu: timed repetitions (median, p20, p80 reported); unused on cuda")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed repetitions per provider (on cuda: before the peak-memory "
+                         "step and do_bench's own warmup)")
+    ap.add_argument("--warmup-ms", type=float, default=25.0,
+                    help="cuda only: do_bench warmup time per provider, ms")
+    ap.add_argument("--rep-ms", type=float, default=100.0,
+                    help="cuda only: do_bench timed duration per provider, ms")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), metavar="NAME",
-                    help=f"subset of {', '.join(PROVIDERS)} (space or comma separated)")
+    ap.add_argument("--providers", nargs="+", default=None, metavar="NAME",
+                    help=f"subset of {', '.join(PROVIDERS)} (space or comma separated). "
+                         "Default per device: cpu: " + ", ".join(DEFAULT_PROVIDERS["cpu"])
+                         + " (no triton: on cpu it needs TRITON_INTERPRET=1, the interpreter, "
+                         "far too slow but for tiny shapes); cuda: "
+                         + ", ".join(DEFAULT_PROVIDERS["cuda"]) + " (no lora_kernels: its "
+                         "auto backend is cuda or else triton, listed already)")
     ap.add_argument("--enable-lora", default="1,0,1",
                     help="merged only: which output groups get LoRA")
     ap.add_argument("--kernel-size", type=int, default=3, help="conv2d only")
@@ -776,7 +938,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    providers = _providers_arg(args.providers)
+    providers = (list(default_providers(args.device)) if args.providers is None
+                 else _providers_arg(args.providers))
     bad = [p for p in providers if p not in PROVIDERS]
     if bad or not providers:
         ap.error(f"--providers: got {bad or providers}, expected names among "
@@ -784,6 +947,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("repeat", "rank", "kernel_size", "image_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected >= 1")
+    for name in ("warmup_ms", "rep_ms"):
+        if not getattr(args, name) > 0:
+            ap.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected > 0")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads: got {args.threads}, expected >= 1")
     if args.warmup < 0:
@@ -815,6 +981,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args, argv, providers, in_f, out_f, alpha, p, enable, kernel, device, ap) -> int:
     cuda = device.type == "cuda"
+    timing = default_timing(device)
     print(f"lora_kernels.bench: {kernel} (mode {MODE}: forward + backward)")
     print(f"machine: {machine_line(device)}")
     print(f"lora_kernels {__version__}, backend: {lora_kernels_backend(device)}")
@@ -842,7 +1009,8 @@ def _run(args, argv, providers, in_f, out_f, alpha, p, enable, kernel, device, a
                     bar.update(args.warmup + args.repeat)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="lora_kernels: running the unfused")
-                res = run_cases(cases, args.repeat, args.warmup, device, bar)
+                res = run_cases(cases, args.repeat, args.warmup, device, bar, timing,
+                                args.warmup_ms, args.rep_ms)
             for c in cases.values():
                 if c.skip is not None:
                     failed = c.skip.startswith(("failed", "setup failed"))
@@ -859,9 +1027,7 @@ def _run(args, argv, providers, in_f, out_f, alpha, p, enable, kernel, device, a
     floor = {r.tokens: r.median for r in results if r.provider == "floor"}
     print(format_table(results, floor, cuda))
     print()
-    print(f"times: wall clock of `y = layer(x); y.backward(g)` over {args.repeat} repetitions "
-          f"(+{args.warmup} warmup), grads set to None between them, providers interleaved "
-          "round robin; x floor = median / floor's median")
+    print(timing_note(timing, args.repeat, args.warmup, args.warmup_ms, args.rep_ms))
     print(HELD_METHOD + (". peak MB: torch.cuda.max_memory_allocated during one step, less "
                          "what was allocated before it" if cuda else ""))
     if args.layer == "conv2d":
