@@ -1,11 +1,13 @@
 """``python -m lora_kernels.bench`` on tiny shapes: the table, the CSV, the plot,
 the bytes-held measure, and that every provider computes the same layer."""
 import csv
+import math
+import os
 
 import pytest
 import torch
 
-from lora_kernels import bench
+from lora_kernels import backends, bench
 
 TINY = ["--in-features", "24", "--out-features", "48", "--rank", "4", "--repeat", "1",
         "--warmup", "0", "--threads", "1", "--no-progress"]
@@ -47,6 +49,8 @@ def test_cli_table_csv_plot(tmp_path, capsys):
     assert head == TABLE_HEAD
     ran = {r[1] for r in rows}
     assert {"floor", "reference", "loralib"} <= ran
+    assert "triton" not in out and "cuda " not in out  # not in the CPU defaults
+    assert "time.perf_counter" in out and "round robin" in out  # the timing method is stated
     assert len(rows) == 2 * len(ran) and {r[0] for r in rows} == {"8", "16"}
     for r in rows:
         assert len(r) == len(TABLE_HEAD)
@@ -115,12 +119,138 @@ def test_providers_compute_the_same_layer(layer):
     the same output (PEFT's conv has its own factorisation and is left out)."""
     kw = dict(in_features=12, out_features=18, tokens=16, rank=2, dropout=0.0,
               dtype="float64", kernel_size=3, image_size=4)
-    cases = bench.make_providers(layer, **kw)
+    cases = bench.make_providers(layer, **kw, providers=bench.PROVIDERS)
     ref = cases["reference"].forward().detach()
-    for name in ("lora_kernels", "loralib", "peft"):
+    for name in ("lora_kernels", "triton", "cuda", "loralib", "peft"):
         c = cases[name]
         if c.skip or (layer == "conv2d" and name == "peft"):
             continue
-        torch.testing.assert_close(c.forward().detach(), ref, msg=f"{layer}/{name}")
+        with c.using_backend():
+            y = c.forward().detach()
+        torch.testing.assert_close(y, ref, msg=f"{layer}/{name}")
     floor = cases["floor"].forward().detach()
     assert not torch.allclose(floor, ref)  # B ≠ 0: the low-rank branch is really computed
+
+
+def test_default_providers_depend_on_device():
+    assert bench.default_providers("cpu") == ("floor", "reference", "lora_kernels", "loralib",
+                                              "peft")
+    cuda = bench.default_providers("cuda")
+    assert {"triton", "cuda"} <= set(cuda) and "lora_kernels" not in cuda
+    assert set(cuda) | set(bench.default_providers("cpu")) == set(bench.PROVIDERS)
+    assert set(bench.make_providers("linear", in_features=8, out_features=8, tokens=4,
+                                    rank=2)) == set(bench.default_providers("cpu"))
+
+
+def test_backend_providers_skipped_with_reasons(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    argv = TINY + ["--tokens", "8", "--providers", "floor", "triton", "cuda"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    _, rows = _table(out)
+    assert [r[1] for r in rows] == ["floor"]
+    assert ("triton        skipped: backend triton cannot run on cpu: "
+            + "; ".join(backends.reasons("triton", "cpu"))) in out
+    assert "TRITON_INTERPRET is not set" in out
+    assert ("cuda          skipped: backend cuda cannot run on cpu: "
+            + "; ".join(backends.reasons("cuda", "cpu"))) in out
+
+
+def _spy(monkeypatch, name, calls):
+    module = backends.get(name)
+    for fn in ("lora_linear_fwd", "lora_linear_bwd"):
+        real = getattr(module, fn)
+
+        def spy(*args, _real=real, _fn=fn, **kw):
+            calls.append((name, _fn))
+            return _real(*args, **kw)
+        monkeypatch.setattr(module, fn, spy)
+
+
+def test_case_backend_is_honoured_forward_and_backward(monkeypatch):
+    """Case.backend covers the forward and the backward (which dispatches the
+    ops again), in step() and in held_bytes(), and is undone afterwards."""
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    calls = []
+    _spy(monkeypatch, "reference", calls)
+    _spy(monkeypatch, "cpu", calls)
+    kw = dict(in_features=8, out_features=12, tokens=4, rank=2, dropout=0.1)
+    case = bench.make_providers("linear", **kw, providers=["lora_kernels"])["lora_kernels"]
+    assert case.backend is None
+    case.step()
+    assert calls == [("cpu", "lora_linear_fwd"), ("cpu", "lora_linear_bwd")]  # auto
+
+    calls.clear()
+    case.backend = "reference"
+    case.zero_grad()
+    case.step()
+    assert calls == [("reference", "lora_linear_fwd"), ("reference", "lora_linear_bwd")]
+    assert all(t.grad is not None for t in case.trainable) and case.x.grad is not None
+    calls.clear()
+    bench.held_bytes(case)
+    assert calls == [("reference", "lora_linear_fwd"), ("reference", "lora_linear_bwd")]
+    assert backends.requested() == "auto" and "LORA_KERNELS_BACKEND" not in os.environ
+
+    # The forced providers carry their backend.
+    forced = bench.make_providers("linear", **kw, providers=["triton", "cuda"])
+    assert forced["triton"].backend == "triton" and forced["cuda"].backend == "cuda"
+    assert forced["cuda"].skip.startswith("backend cuda cannot run on cpu: ")
+
+
+def test_forced_backend_restores_env(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    with pytest.raises(RuntimeError):
+        with bench.forced_backend("reference"):
+            assert os.environ["LORA_KERNELS_BACKEND"] == "reference"
+            assert backends.requested() == "reference"
+            raise RuntimeError
+    assert os.environ["LORA_KERNELS_BACKEND"] == "auto" and backends.requested() == "auto"
+    with bench.forced_backend(None):
+        assert backends.requested() == "auto"
+
+
+def test_do_bench_timing_wiring(monkeypatch):
+    """The CUDA timing path with triton's do_bench replaced by a fake (it needs a
+    GPU): the timed callable sets grads to None then steps; the quantiles land
+    in the Result. The real do_bench is only exercised by benchmarks/gpu_check.sh."""
+    kw = dict(in_features=8, out_features=12, tokens=4, rank=2, dropout=0.0, dtype="float64")
+    cases = bench.make_providers("linear", **kw, providers=["floor", "loralib"])
+    once = bench.make_providers("linear", **kw, providers=["loralib"])["loralib"]
+    once.step()
+    seen, grads = [], []
+
+    def fake(fn, warmup_ms, rep_ms):
+        seen.append((warmup_ms, rep_ms))
+        for _ in range(2):
+            fn()  # B's grad would double if fn did not set it to None first
+        grads.append(cases["loralib"].trainable[1].grad)  # None after floor's turn
+        return [2.0, 1.0, 3.0]
+    monkeypatch.setattr(bench, "_do_bench", fake)
+    res = bench.run_cases(cases, repeat=5, warmup=1, device="cpu", timing="do_bench",
+                          warmup_ms=7, rep_ms=11)
+    assert seen == [(7, 11), (7, 11)] and set(res) == {"floor", "loralib"}
+    r = res["loralib"]
+    assert (r.median, r.p20, r.p80) == (2.0, 1.0, 3.0) and r.times_ms == []
+    assert grads[0] is None
+    torch.testing.assert_close(grads[1], once.trainable[1].grad)
+    assert cases["loralib"].trainable[1].grad is None  # set to None after timing
+    assert "do_bench" in bench.timing_note("do_bench", 5, 1, 7, 11)
+    assert bench.default_timing("cuda") == "do_bench"
+    assert bench.default_timing("cpu") == "round_robin"
+    with pytest.raises(ValueError):
+        bench.run_cases(cases, 1, 0, "cpu", timing="nope")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the triton provider on CPU needs TRITON_INTERPRET=1 (interpreter)")
+def test_cli_triton_provider_under_interpreter(capsys):
+    argv = ["--in-features", "16", "--out-features", "24", "--rank", "2", "--repeat", "2",
+            "--warmup", "1", "--threads", "1", "--no-progress", "--tokens", "8",
+            "--providers", "floor", "triton"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    _, rows = _table(out)
+    row = next(r for r in rows if r[1] == "triton")
+    median, p20, p80 = map(float, row[2:5])
+    assert all(math.isfinite(v) and v > 0 for v in (median, p20, p80))
+    assert "triton backend forced (forward and backward)" in out
