@@ -7,11 +7,21 @@
 
 Each test also records the bytes held for backward (``extra_info["held_MB"]``,
 measured as in the CLI) and checks that the step produced the LoRA gradients.
+
+The suite runs on CPU. The backend providers (``triton``, ``cuda``: the
+lora_kernels layer with that backend forced) run where their backend can and
+are skipped with its reasons otherwise; ``triton`` is always skipped here, as on
+CPU it needs ``TRITON_INTERPRET=1``, the interpreter, which is far too slow for
+timing (GPU timings: ``python -m lora_kernels.bench --device cuda``).
 """
 import pytest
 import torch
 
 from lora_kernels.bench import LAYERS, PROVIDERS, held_bytes, kernel_name, make_providers
+
+# Providers this CPU suite never times, and why.
+CPU_SKIP = {"triton": "triton on CPU runs only under TRITON_INTERPRET=1, the interpreter: far "
+                      "too slow to time; use python -m lora_kernels.bench --device cuda"}
 
 SHAPES = {
     "linear": dict(in_features=64, out_features=64, tokens=256),
@@ -27,6 +37,8 @@ pytestmark = pytest.mark.benchmark  # selectable with -m benchmark
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("layer", LAYERS)
 def test_layer(benchmark, layer, provider):
+    if COMMON["device"] == "cpu" and provider in CPU_SKIP:
+        pytest.skip(CPU_SKIP[provider])
     shape = SHAPES[layer]
     case = make_providers(layer, providers=[provider], **shape, **COMMON)[provider]
     if case.skip:
