@@ -21,8 +21,11 @@ $(STAMP): $(SOURCES)
 bench: $(STAMP)
 	$(PY) -m lora_kernels.bench $(ARGS)
 
+# The second run puts the Triton kernels through the interpreter on CPU tensors.
 test: $(STAMP)
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable $(ARGS)
+	TRITON_INTERPRET=1 LORA_KERNELS_BACKEND=triton $(PY) -m pytest -q -p no:cacheprovider \
+	    tests -k triton $(ARGS)
 
 info: $(STAMP)
 	$(PY) -m lora_kernels.info

@@ -288,3 +288,35 @@ dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup_contex
 
 OPS: Sequence = (lora_linear_fwd, lora_linear_bwd, lora_embedding_fwd, lora_embedding_bwd,
                  merge_, unmerge_, merged_weight, dropout)
+
+
+# ---------------------------------------------------------------------------
+# torch.compile: let the compiler see a traceable backend's kernels
+# ---------------------------------------------------------------------------
+
+def _decompose_when_traceable(op, device_arg: int, call) -> None:
+    """Under functionalization (AOTAutograd, i.e. torch.compile), an op whose
+    backend is TRACEABLE (Triton: its kernels are triton_ops launched through
+    wrap_triton) is replaced by ``call(backend, *args)``, so the compiler sees
+    the Triton kernels instead of an opaque call. Other backends, and CPU
+    tensors under the Triton interpreter (whose kernels wrap_triton cannot
+    trace), stay opaque."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def decompose(mode, op_overload, types, args, kwargs):
+        device = args[device_arg].device
+        backend = backends.for_device(device)
+        if device.type != "cuda" or not getattr(backend, "TRACEABLE", False):
+            return mode.__torch_dispatch__(op_overload, types, args, kwargs)
+        with mode:
+            return call(backend, *args, **kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, decompose)
+
+
+_decompose_when_traceable(lora_linear_fwd, 0, lambda b, *a: b.lora_linear_fwd(*a))
+_decompose_when_traceable(lora_linear_bwd, 0, lambda b, *a: b.lora_linear_bwd(*a))
+_decompose_when_traceable(lora_embedding_fwd, 1,  # padding_idx is for backward only
+                          lambda b, *a: b.lora_embedding_fwd(*a[:5]))
+_decompose_when_traceable(lora_embedding_bwd, 0, lambda b, *a: b.lora_embedding_bwd(*a))
+_decompose_when_traceable(dropout, 0, lambda b, *a: b.dropout(*a))

@@ -13,6 +13,9 @@ import os
 import torch
 
 NAME = "triton"
+# Its ops are triton_ops: under torch.compile, lora_kernels.ops decomposes into
+# them so the compiler sees the kernels.
+TRACEABLE = True
 
 _loaded = False
 
