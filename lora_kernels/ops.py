@@ -122,6 +122,9 @@ def _linear_setup_context(ctx, inputs, output):
     # mask is regenerated, never stored. weight, A and B are parameters.
     keep_x = x if (need_a or need_w) else None
     ctx.save_for_backward(keep_x, weight, lora_A, lora_B, s, seed)
+    # Backward runs where autograd runs it (on CUDA, a device thread that does
+    # not see this thread's use_backend()): it uses the backend asked for here.
+    ctx.backend = backends.requested()
 
 
 def _linear_backward(ctx, grad_y, grad_s):
@@ -129,9 +132,10 @@ def _linear_backward(ctx, grad_y, grad_s):
     if x is None:
         x = grad_y.new_empty(0)
     mask = ctx.output_mask
-    dx, dw, db, da, dB = torch.ops.lora_kernels.lora_linear_bwd(
-        grad_y, x, weight, lora_A, lora_B, s, seed, *ctx.args[:3],
-        ctx.args[3], ctx.args[4], mask)
+    with backends.use_backend(ctx.backend):
+        dx, dw, db, da, dB = torch.ops.lora_kernels.lora_linear_bwd(
+            grad_y, x, weight, lora_A, lora_B, s, seed, *ctx.args[:3],
+            ctx.args[3], ctx.args[4], mask)
     pick = lambda t, want: t if want else None  # noqa: E731
     return (pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), pick(da, mask[3]),
             pick(dB, mask[4]), None, None, None, None, None, None)
@@ -185,13 +189,15 @@ def _embedding_setup_context(ctx, inputs, output):
     ctx.padding_idx = padding_idx
     # Held for backward: the indices, s = Aᵀ[indices] (tokens×r) and the parameters.
     ctx.save_for_backward(indices, weight, lora_A, lora_B, s)
+    ctx.backend = backends.requested()
 
 
 def _embedding_backward(ctx, grad_y, grad_s):
     indices, weight, lora_A, lora_B, s = ctx.saved_tensors
     mask = ctx.output_mask
-    dw, da, dB = torch.ops.lora_kernels.lora_embedding_bwd(
-        grad_y, indices, weight, lora_A, lora_B, s, ctx.scaling, ctx.padding_idx, mask)
+    with backends.use_backend(ctx.backend):
+        dw, da, dB = torch.ops.lora_kernels.lora_embedding_bwd(
+            grad_y, indices, weight, lora_A, lora_B, s, ctx.scaling, ctx.padding_idx, mask)
     return None, (dw if mask[0] else None), (da if mask[1] else None), \
         (dB if mask[2] else None), None, None
 
@@ -275,12 +281,14 @@ def _dropout_setup_context(ctx, inputs, output):
     _, seed, p = inputs
     ctx.p = p
     ctx.save_for_backward(seed)
+    ctx.backend = backends.requested()
 
 
 def _dropout_backward(ctx, grad):
     (seed,) = ctx.saved_tensors
     # The mask depends only on (seed, position): the gradient is the same map.
-    return torch.ops.lora_kernels.dropout(grad.contiguous(), seed, ctx.p), None, None
+    with backends.use_backend(ctx.backend):
+        return torch.ops.lora_kernels.dropout(grad.contiguous(), seed, ctx.p), None, None
 
 
 dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup_context)

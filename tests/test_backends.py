@@ -72,3 +72,40 @@ def test_info_lists_every_backend():
     for name in backends.NAMES:
         assert f"  {name} " in out
     assert "cpu: auto picks" in out
+
+
+def test_backward_uses_the_backend_of_its_forward_on_another_thread():
+    """Autograd runs CUDA backward on a device thread, which does not see the
+    forward thread's use_backend(); the backward ops take the forward's choice."""
+    import threading
+
+    import lora_kernels as lk
+    from lora_kernels import backends
+
+    seen = []
+    ref = backends.get("reference")
+    real = ref.lora_linear_bwd
+
+    def spy(*args):
+        seen.append(threading.get_ident())
+        return real(*args)
+
+    layer = lk.Linear(6, 4, r=2)
+    with lk.use_backend("reference"):
+        y = layer(torch.randn(3, 6))
+    result = {}
+
+    def run_backward():  # no use_backend() on this thread
+        try:
+            ref.lora_linear_bwd = spy
+            y.sum().backward()
+        except Exception as e:  # pragma: no cover - reported below
+            result["error"] = e
+        finally:
+            ref.lora_linear_bwd = real
+
+    t = threading.Thread(target=run_backward)
+    t.start()
+    t.join()
+    assert "error" not in result, result.get("error")
+    assert len(seen) == 1 and layer.lora_A.grad is not None

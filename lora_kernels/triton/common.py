@@ -29,14 +29,47 @@ def configs(gpu: Sequence[dict], interpret: dict, warps: Sequence[int] = (),
             stages: Sequence[int] = ()):
     """Autotune configs: the GPU list (Ampere and Hopper sizes), or a single
     small config under the interpreter (small blocks so the tests' odd shapes
-    span several tiles)."""
+    span several tiles). With autotuning off, the kernels' pruning keeps the
+    first config of the list (see prune_first / prune_gemm_configs)."""
     if interpreting():
         return [triton.Config(dict(interpret), num_warps=1, num_stages=1)]
     out = []
     for i, kw in enumerate(gpu):
         out.append(triton.Config(dict(kw), num_warps=warps[i] if warps else 4,
                                  num_stages=stages[i] if stages else 3))
-    return out if autotune_enabled() else out[:1]
+    return out
+
+
+# Shared memory a GEMM config may take for its pipelined tiles: below the
+# opt-in maximum of Ampere (163 KiB) and Hopper (227 KiB) with room for the
+# epilogue's tiles.
+SMEM_BUDGET = 150 * 1024
+
+
+def gemm_smem(config, elem_size: int) -> int:
+    """Bytes of shared memory for the pipelined x and W tiles of a config."""
+    kw = config.kwargs
+    return config.num_stages * (kw["BM"] * kw["BK"] + kw["BK"] * kw["BN"]) * elem_size
+
+
+def prune_gemm_configs(configs, named_args, **_):
+    """Drop configs whose tiles do not fit for this call's dtype (fp32 and fp64
+    tiles are 2× and 4× bf16's); without autotuning keep the first that fits."""
+    elem = next(a.element_size() for a in named_args.values() if isinstance(a, torch.Tensor))
+    fitting = [c for c in configs if gemm_smem(c, elem) <= SMEM_BUDGET]
+    if not fitting:  # the smallest one, with a single stage
+        small = min(configs, key=lambda c: gemm_smem(c, elem))
+        fitting = [triton.Config(dict(small.kwargs), num_warps=small.num_warps, num_stages=1)]
+    return fitting if autotune_enabled() else fitting[:1]
+
+
+def prune_first(configs, named_args, **_):
+    """Without autotuning, the first config of the list (a safe size)."""
+    return configs if autotune_enabled() else configs[:1]
+
+
+PRUNE_FIRST = dict(early_config_prune=prune_first)
+PRUNE_GEMM = dict(early_config_prune=prune_gemm_configs)
 
 
 def acc_type(dtype: torch.dtype):

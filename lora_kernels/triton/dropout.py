@@ -5,12 +5,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .common import NAMESPACE, configs, dropout_args
+from .common import NAMESPACE, PRUNE_FIRST, configs, dropout_args
 from .philox import keep_scale_tile
 
 
 @triton.autotune(configs=configs([dict(BM=16, BK=256), dict(BM=32, BK=128)],
-                                 dict(BM=8, BK=16)), key=["n_cols"])
+                                 dict(BM=8, BK=16)), prune_configs_by=PRUNE_FIRST, key=["n_cols"])
 @triton.jit
 def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n_rows, n_cols, threshold,
                     BM: tl.constexpr, BK: tl.constexpr):

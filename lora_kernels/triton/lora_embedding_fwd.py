@@ -12,12 +12,20 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .common import NAMESPACE, acc_type, configs, dot_precision, lowrank_dtype, pow2_at_least_16
+from .common import (
+    NAMESPACE,
+    PRUNE_FIRST,
+    acc_type,
+    configs,
+    dot_precision,
+    lowrank_dtype,
+    pow2_at_least_16,
+)
 
 
 @triton.autotune(configs=configs([dict(BM=64, BN=128), dict(BM=32, BN=256), dict(BM=64, BN=64)],
                                  dict(BM=16, BN=16), warps=[4, 4, 4]),
-                 key=["D", "R"])
+                 prune_configs_by=PRUNE_FIRST, key=["D", "R"])
 @triton.jit
 def _embedding_fwd_kernel(idx_ptr, w_ptr, a_ptr, b_ptr, y_ptr, s_ptr, T, D, R, scaling,
                           stride_wn, stride_wd, stride_ar, stride_an, stride_bd, stride_br,

@@ -19,15 +19,27 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .common import (NAMESPACE, acc_type, configs, dot_precision, dropout_args, grouped_b,
-                     interpreting, parallel_programs, pow2_at_least_16, ungroup_db)
+from .common import (
+    NAMESPACE,
+    PRUNE_FIRST,
+    PRUNE_GEMM,
+    acc_type,
+    configs,
+    dot_precision,
+    dropout_args,
+    grouped_b,
+    interpreting,
+    parallel_programs,
+    pow2_at_least_16,
+    ungroup_db,
+)
 from .lora_linear_fwd import _GEMM_GPU, _GEMM_INTERP, _GEMM_STAGES, _GEMM_WARPS
 from .philox import keep_scale_tile
 from .rank_r_grads import rank_r_grads
 
 
 @triton.autotune(configs=configs(_GEMM_GPU, _GEMM_INTERP, _GEMM_WARPS, _GEMM_STAGES),
-                 key=["M", "N", "K", "R"])
+                 prune_configs_by=PRUNE_GEMM, key=["M", "N", "K", "R"])
 @triton.jit
 def _dx_kernel(g_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, M, N, K, R,
                stride_gm, stride_gk, stride_wk, stride_wn, stride_dsm, stride_ar, stride_an,
@@ -75,7 +87,7 @@ def _dx_kernel(g_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, M, N, K, R,
 
 @triton.autotune(configs=configs([dict(BM=64, BN=128), dict(BM=128, BN=64), dict(BM=64, BN=64)],
                                  dict(BM=16, BN=16), warps=[4, 8, 4]),
-                 key=["N", "R", "ROWS_PER_SPLIT"])
+                 prune_configs_by=PRUNE_FIRST, key=["N", "R", "ROWS_PER_SPLIT"])
 @triton.jit
 def _da_kernel(ds_ptr, x_ptr, da_ptr, seed_ptr, M, N, R, stride_dsm, stride_xm, stride_xn,
                stride_das, ROWS_PER_SPLIT, threshold, HAS_DROPOUT: tl.constexpr,

@@ -23,8 +23,18 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .common import (NAMESPACE, acc_type, configs, dot_precision, dropout_args, grouped_b,
-                     lowrank_dtype, pow2_at_least_16)
+from .common import (
+    NAMESPACE,
+    PRUNE_FIRST,
+    PRUNE_GEMM,
+    acc_type,
+    configs,
+    dot_precision,
+    dropout_args,
+    grouped_b,
+    lowrank_dtype,
+    pow2_at_least_16,
+)
 from .philox import keep_scale_tile
 
 # Block sizes: BM tokens × BN output features × BK reduction (in features).
@@ -38,7 +48,7 @@ _GEMM_INTERP = dict(BM=16, BN=16, BK=16, GROUP_M=2)
 
 @triton.autotune(configs=configs([dict(BM=64, BK=128), dict(BM=128, BK=64), dict(BM=64, BK=64)],
                                  dict(BM=16, BK=16), warps=[4, 8, 4]),
-                 key=["K", "R"])
+                 prune_configs_by=PRUNE_FIRST, key=["K", "R"])
 @triton.jit
 def _lowrank_in_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R,
                        stride_xm, stride_xk, stride_ar, stride_ak, stride_sm,
@@ -66,7 +76,7 @@ def _lowrank_in_kernel(x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R,
 
 
 @triton.autotune(configs=configs(_GEMM_GPU, _GEMM_INTERP, _GEMM_WARPS, _GEMM_STAGES),
-                 key=["M", "N", "K", "R"])
+                 prune_configs_by=PRUNE_GEMM, key=["M", "N", "K", "R"])
 @triton.jit
 def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, M, N, K, R, scaling,
                          stride_xm, stride_xk, stride_wn, stride_wk, stride_sm,

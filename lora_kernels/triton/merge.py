@@ -10,12 +10,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .common import NAMESPACE, acc_type, configs, grouped_b, pow2_at_least_16
+from .common import NAMESPACE, PRUNE_FIRST, acc_type, configs, grouped_b, pow2_at_least_16
 
 
 @triton.autotune(configs=configs([dict(BM=64, BN=128), dict(BM=128, BN=128), dict(BM=64, BN=64)],
                                  dict(BM=16, BN=16), warps=[4, 8, 4]),
-                 key=["M", "N", "R"])
+                 prune_configs_by=PRUNE_FIRST, key=["M", "N", "R"])
 @triton.jit
 def _merge_kernel(w_ptr, b_ptr, a_ptr, M, N, R, scaling, stride_wm, stride_wn,
                   stride_bm, stride_br, stride_ar, stride_an,

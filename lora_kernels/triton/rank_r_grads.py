@@ -19,13 +19,20 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import acc_type, configs, dot_precision, interpreting, parallel_programs, \
-    pow2_at_least_16
+from .common import (
+    PRUNE_FIRST,
+    acc_type,
+    configs,
+    dot_precision,
+    interpreting,
+    parallel_programs,
+    pow2_at_least_16,
+)
 
 
 @triton.autotune(configs=configs([dict(BM=64, BN=128), dict(BM=128, BN=64), dict(BM=64, BN=64)],
                                  dict(BM=16, BN=16), warps=[4, 8, 4]),
-                 key=["N", "R", "CHUNK_COLS"])
+                 prune_configs_by=PRUNE_FIRST, key=["N", "R", "CHUNK_COLS"])
 @triton.jit
 def _rank_r_grads_kernel(g_ptr, s_ptr, b_ptr, ds_ptr, db_ptr, M, N, R, scaling,
                          stride_gm, stride_gn, stride_sm, stride_bn, stride_br,
