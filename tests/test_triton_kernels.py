@@ -146,6 +146,7 @@ def _linear_case(tokens, in_f, out_f, r, num_groups, groups, fifo, dtype, device
     (7, 9, 5, 3, 1, [0], False, 0.0, False),
     (53, 45, 39, 8, 3, [0, 2], True, 0.1, True),
     (19, 130, 40, 100, 1, [0], False, 0.2, False),     # rank above every rank block
+    (11, 24, 30, 48, 3, [0, 1, 2], True, 0.1, False),  # r·groups = 144: three rank blocks
     (33, 20, 66, 5, 2, [1], False, 0.5, False),
 ], ids=str)
 def test_linear_forward_and_every_gradient(device, case):

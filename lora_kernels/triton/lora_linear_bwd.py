@@ -90,14 +90,14 @@ def _dx_kernel(g_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, M, N, K, R,
                  prune_configs_by=PRUNE_FIRST, key=["N", "R", "ROWS_PER_SPLIT"])
 @triton.jit
 def _da_kernel(ds_ptr, x_ptr, da_ptr, seed_ptr, M, N, R, stride_dsm, stride_xm, stride_xn,
-               stride_das, ROWS_PER_SPLIT, threshold, HAS_DROPOUT: tl.constexpr,
+               stride_das, R_PAD, ROWS_PER_SPLIT, threshold, HAS_DROPOUT: tl.constexpr,
                ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr):
     # dA partial (R × N in-features) of one split of the tokens = dSᵀ · (x ⊙ mask)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
-    rr = tl.arange(0, BR)
+    rr = tl.program_id(2) * BR + tl.arange(0, BR)  # this program's block of ranks
     dtype = x_ptr.dtype.element_ty
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -115,7 +115,7 @@ def _da_kernel(ds_ptr, x_ptr, da_ptr, seed_ptr, M, N, R, stride_dsm, stride_xm, 
                      mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
         acc = tl.dot(tl.trans(ds.to(dtype)), x, acc, input_precision=PREC)
     tl.store(da_ptr + split * stride_das + rr[:, None] * N + rn[None, :], acc,
-             mask=rn[None, :] < N)
+             mask=(rr[:, None] < R_PAD) & (rn[None, :] < N))
 
 
 def _dx(grad, weight, d_s, lora_A, seed, dropout_p, fan_in_fan_out):
@@ -153,7 +153,9 @@ def _da(d_s, x, lora_A, seed, dropout_p):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if M == 0 or N == 0 or R == 0:
         return torch.zeros_like(lora_A)
-    BR = pow2_at_least_16(R)
+    BR = min(pow2_at_least_16(R), 64)  # ranks in blocks: a third grid axis
+    r_blocks = triton.cdiv(R, BR)
+    R_PAD = r_blocks * BR
     threshold, _ = dropout_args(dropout_p)
     # Token splits: about parallel_programs() programs over (in blocks × splits).
     unit = 16 if interpreting() else 128    # a multiple of every config's BM
@@ -161,13 +163,14 @@ def _da(d_s, x, lora_A, seed, dropout_p):
     want_splits = max(1, parallel_programs(x.device) // n_blocks)
     rows = triton.cdiv(triton.cdiv(M, want_splits), unit) * unit
     splits = triton.cdiv(M, rows)
-    parts = x.new_empty(splits, BR, N, dtype=acc)
+    parts = x.new_empty(splits, R_PAD, N, dtype=acc)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BN"]), splits)
+        return (triton.cdiv(N, meta["BN"]), splits, r_blocks)
 
     wrap_triton(_da_kernel)[grid](
-        d_s, x, parts, seed, M, N, R, d_s.stride(0), x.stride(0), x.stride(1), BR * N, rows,
+        d_s, x, parts, seed, M, N, R, d_s.stride(0), x.stride(0), x.stride(1), R_PAD * N, R_PAD,
+        rows,
         threshold, HAS_DROPOUT=threshold > 0, ACC=acc_type(x.dtype),
         PREC=dot_precision(x.dtype), BR=BR)
     return parts.sum(0)[:R].to(lora_A.dtype).contiguous()

@@ -39,14 +39,14 @@ from .common import (
 @triton.jit
 def _rank_r_grads_kernel(g_ptr, s_ptr, b_ptr, ds_ptr, db_ptr, M, N, R, scaling,
                          stride_gm, stride_gn, stride_sm, stride_bn, stride_br,
-                         stride_dsc, stride_dbs, CHUNK_COLS, num_slots,
+                         stride_dsc, stride_dbs, R_PAD, CHUNK_COLS, num_slots,
                          WANT_DS: tl.constexpr, WANT_DB: tl.constexpr, ACC: tl.constexpr,
                          PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
                          BN: tl.constexpr):
     chunk = tl.program_id(0)
     slot = tl.program_id(1)
     dtype = g_ptr.dtype.element_ty
-    rr = tl.arange(0, BR)
+    rr = tl.program_id(2) * BR + tl.arange(0, BR)  # this program's block of ranks
     n_begin = chunk * CHUNK_COLS  # a multiple of every config's BN
     n_end = min(n_begin + CHUNK_COLS, N)
     for mb in range(slot, tl.cdiv(M, BM), num_slots):
@@ -65,12 +65,12 @@ def _rank_r_grads_kernel(g_ptr, s_ptr, b_ptr, ds_ptr, db_ptr, M, N, R, scaling,
                 ds = tl.dot(g, b, ds, input_precision=PREC)
             if WANT_DB:
                 part = tl.dot(tl.trans(g), s, input_precision=PREC, out_dtype=ACC) * scaling
-                ptrs = db_ptr + slot * stride_dbs + rn[:, None] * BR + rr[None, :]
+                ptrs = db_ptr + slot * stride_dbs + rn[:, None] * R_PAD + rr[None, :]
                 if mb != slot:  # not this program's first row block: accumulate
                     part += tl.load(ptrs, mask=rn[:, None] < N, other=0.0)
                 tl.store(ptrs, part, mask=rn[:, None] < N)
         if WANT_DS:
-            tl.store(ds_ptr + chunk * stride_dsc + rm[:, None] * BR + rr[None, :], ds * scaling,
+            tl.store(ds_ptr + chunk * stride_dsc + rm[:, None] * R_PAD + rr[None, :], ds * scaling,
                      mask=rm[:, None] < M)
 
 
@@ -85,7 +85,11 @@ def rank_r_grads(g, s, b_full, scaling, want_ds, want_db):
     if M == 0 or N == 0 or R == 0:
         return (g.new_zeros(M, R, dtype=acc) if want_ds else None,
                 g.new_zeros(N, R, dtype=acc) if want_db else None)
-    BR = pow2_at_least_16(R)
+    # Ranks in blocks of at most 64 (a third grid axis; each block re-reads g,
+    # which only happens for r·groups > 64).
+    BR = min(pow2_at_least_16(R), 64)
+    r_blocks = triton.cdiv(R, BR)
+    R_PAD = r_blocks * BR
     # Grid: `chunks` column chunks × `slots` row slots ≈ 2 programs per SM.
     # The partials cost chunks·M·BR + slots·N·BR floats; for a fixed number
     # of programs that is smallest at chunks ≈ sqrt(programs·N/M).
@@ -99,16 +103,16 @@ def rank_r_grads(g, s, b_full, scaling, want_ds, want_db):
     per_chunk_cols = triton.cdiv(n_units, chunks) * unit
     chunks = triton.cdiv(N, per_chunk_cols)
     slots = max(1, min(triton.cdiv(M, bm_max), programs // chunks))
-    ds = g.new_empty(chunks, M, BR, dtype=acc) if want_ds else g.new_empty(0, dtype=acc)
-    db = g.new_empty(slots, N, BR, dtype=acc) if want_db else g.new_empty(0, dtype=acc)
+    ds = g.new_empty(chunks, M, R_PAD, dtype=acc) if want_ds else g.new_empty(0, dtype=acc)
+    db = g.new_empty(slots, N, R_PAD, dtype=acc) if want_db else g.new_empty(0, dtype=acc)
 
     def grid(meta):
-        return (chunks, slots)
+        return (chunks, slots, r_blocks)
 
     wrap_triton(_rank_r_grads_kernel)[grid](
         g, s if s is not None else g, b_full, ds, db, M, N, R, scaling,
         g.stride(0), g.stride(1), s.stride(0) if s is not None else 0,
-        b_full.stride(0), b_full.stride(1), M * BR, N * BR,
+        b_full.stride(0), b_full.stride(1), M * R_PAD, N * R_PAD, R_PAD,
         per_chunk_cols, slots, WANT_DS=want_ds, WANT_DB=want_db,
         ACC=acc_type(g.dtype), PREC=dot_precision(g.dtype), BR=BR)
     d_s = ds.sum(0)[:, :R] if want_ds else None
