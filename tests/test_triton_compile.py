@@ -29,7 +29,7 @@ def _kernels():
     from lora_kernels.triton import (dropout, lora_embedding_fwd, lora_linear_bwd,
                                      lora_linear_fwd, merge, rank_r_grads)
 
-    def spec(dt):
+    def spec(dt, br=16):
         low = "fp32" if dt in ("bf16", "fp16") else dt        # S kept in fp32 for half
         acc = "fp64" if dt == "fp64" else "fp32"
         prec = "tf32" if dt == "fp32" else "ieee"
@@ -39,24 +39,24 @@ def _kernels():
              dict(x_ptr=dt, y_ptr=dt, seed_ptr="i64"), {}),
             ("lowrank_in", lora_linear_fwd._lowrank_in_kernel,
              dict(x_ptr=dt, a_ptr=dt, s_ptr=low, seed_ptr="i64"),
-             dict(HAS_DROPOUT=True, BR=16, **common)),
+             dict(HAS_DROPOUT=True, BR=br, **common)),
             ("fused_linear", lora_linear_fwd._fused_linear_kernel,
              dict(x_ptr=dt, w_ptr=dt, bias_ptr=dt, s_ptr=low, b_ptr=dt, y_ptr=dt),
-             dict(HAS_BIAS=True, HAS_LORA=True, BR=16, **common)),
+             dict(HAS_BIAS=True, HAS_LORA=True, BR=br, **common)),
             ("rank_r_grads", rank_r_grads._rank_r_grads_kernel,
              dict(g_ptr=dt, s_ptr=low, b_ptr=dt, ds_ptr=acc, db_ptr=acc),
-             dict(WANT_DS=True, WANT_DB=True, BR=16, **common)),
+             dict(WANT_DS=True, WANT_DB=True, BR=br, **common)),
             ("dx", lora_linear_bwd._dx_kernel,
              dict(g_ptr=dt, w_ptr=dt, ds_ptr=acc, a_ptr=dt, dx_ptr=dt, seed_ptr="i64"),
-             dict(HAS_LORA=True, HAS_DROPOUT=True, BR=16, **common)),
+             dict(HAS_LORA=True, HAS_DROPOUT=True, BR=br, **common)),
             ("da", lora_linear_bwd._da_kernel,
              dict(ds_ptr=acc, x_ptr=dt, da_ptr=acc, seed_ptr="i64"),
-             dict(HAS_DROPOUT=True, BR=16, **common)),
+             dict(HAS_DROPOUT=True, BR=br, **common)),
             ("embedding_fwd", lora_embedding_fwd._embedding_fwd_kernel,
              dict(idx_ptr="i64", w_ptr=dt, a_ptr=dt, b_ptr=dt, y_ptr=dt, s_ptr=low),
-             dict(BR=16, **common)),
+             dict(BR=br, **common)),
             ("merge", merge._merge_kernel, dict(w_ptr=dt, b_ptr=dt, a_ptr=dt),
-             dict(ACC=TL_NAMES[acc], BR=16)),
+             dict(ACC=TL_NAMES[acc], BR=br)),
         ]
     return spec
 
@@ -80,18 +80,18 @@ def _compile(autotuner, ptrs, consts, config, arch):
                                        num_stages=config.num_stages))
 
 
-CASES = [("bf16", 90, "all"), ("fp16", 90, "first"), ("fp32", 90, "first"),
-         ("bf16", 80, "first"), ("fp64", 90, "first")]
+CASES = [("bf16", 90, "all", 16), ("bf16", 90, "first", 64), ("fp16", 90, "first", 16),
+         ("fp32", 90, "first", 16), ("bf16", 80, "first", 16), ("fp64", 90, "first", 16)]
 
 
-@pytest.mark.parametrize("dt,arch,which", CASES, ids=lambda v: str(v))
-def test_every_kernel_compiles_for_the_gpu(dt, arch, which):
+@pytest.mark.parametrize("dt,arch,which,br", CASES, ids=lambda v: str(v))
+def test_every_kernel_compiles_for_the_gpu(dt, arch, which, br):
     from lora_kernels.triton.common import SMEM_BUDGET, gemm_smem, interpreting
 
     assert not interpreting()
     elem = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dt]
     failures = []
-    for name, autotuner, ptrs, consts in _kernels()(dt):
+    for name, autotuner, ptrs, consts in _kernels()(dt, br):
         configs = autotuner.configs
         if name in ("fused_linear", "dx"):  # as prune_gemm_configs keeps them
             configs = [c for c in configs if gemm_smem(c, elem) <= SMEM_BUDGET] or \
