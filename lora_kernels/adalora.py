@@ -403,6 +403,9 @@ class RankAllocator:
                 self.exp_avg_unc[n] = self.beta2 * self.exp_avg_unc[n] + (1 - self.beta2) * unc
 
     def _score(self, n: str) -> torch.Tensor:
+        if n not in self.exp_avg_ipt:
+            raise RuntimeError(f"{n} has no importance score yet: update_and_allocate "
+                               "accumulates them on the steps before total_step - tfinal")
         return self.exp_avg_ipt[n] * self.exp_avg_unc[n]
 
     def triplet_scores(self, model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 orthogonal regulariser against PEFT's, rank patterns, the Trainer callback, errors."""
 import copy
 import json
+import pickle
 import subprocess
 import sys
 import types
@@ -118,6 +119,27 @@ def test_merge_unmerge_round_trip_and_unmerged_checkpoints(backend):
     torch.testing.assert_close(layer(x), other(x), **F64)
     layer.train()
     torch.testing.assert_close(layer.weight, other.state_dict()["weight"], rtol=0, atol=1e-12)
+
+
+def test_pickle_deepcopy_and_compile(backend):
+    layer = _randomise(SVDLinear(8, 6, r=3, lora_alpha=4, lora_dropout=0.1)).double()
+    x = torch.randn(2, 8, dtype=torch.float64)
+    layer.eval()
+    for twin in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(twin(x), layer(x), **F64)
+        torch.testing.assert_close(twin.state_dict()["weight"], layer.state_dict()["weight"])
+    layer.train()
+    torch.manual_seed(4)
+    eager = layer(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_E, layer.lora_B)]
+    layer.zero_grad()
+    torch.manual_seed(4)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, **F64)
+    for p, g in zip((layer.lora_A, layer.lora_E, layer.lora_B), grads):
+        torch.testing.assert_close(p.grad, g, **F64)
 
 
 # -- against PEFT ------------------------------------------------------------------------
@@ -404,7 +426,7 @@ def test_bad_model_and_layer_arguments():
         RankAllocator(_model(), target_r=2, total_step=10).mask_using_rank_pattern(_model())
 
 
-def test_update_without_gradients_says_where_to_call_it():
+def test_update_without_gradients_or_scores_says_what_is_missing():
     model = _model()
     allocator = RankAllocator(model, target_r=2, total_step=10)
     model(torch.randn(2, 6)).sum().backward()
@@ -412,6 +434,8 @@ def test_update_without_gradients_says_where_to_call_it():
     with pytest.raises(RuntimeError, match=r"0.lora_A has no gradient: call update_and_"
                                            r"allocate after backward\(\) and before"):
         allocator.update_and_allocate(model, 0)
+    with pytest.raises(RuntimeError, match=r"0.lora_A has no importance score yet"):
+        allocator.update_and_allocate(model, 10)   # total_step - tfinal, no step before it
 
 
 # -- Trainer --------------------------------------------------------------------------------
