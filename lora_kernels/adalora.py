@@ -106,8 +106,8 @@ class SVDLinear(LoRALayer, nn.Linear):
             self.lora_E = nn.Parameter(self.weight.new_zeros((r, 1)))
             self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
             self._alpha = float(lora_alpha) if lora_alpha > 0 else float(r)
-            # The current rank of the scaling: stays at the initial r when
-            # singular values are pruned or the layer is resized.
+            # The rank in the scaling: stays at the initial r when singular
+            # values are pruned or the layer is resized (PEFT keeps it too).
             self.register_buffer("ranknum", self.weight.new_full((1,), float(r)))
             self._set_ranknum(float(r))
             self.weight.requires_grad = False
