@@ -96,10 +96,6 @@ class SVDLinear(LoRALayer, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights)
-        # LoRALayer's checkpoint hook unmerges B·A; ours must unmerge B·(A⊙E).
-        for key, hook in list(self._state_dict_hooks.items()):
-            if hook is LoRALayer._save_unmerged_hook:
-                self._state_dict_hooks[key] = SVDLinear._save_unmerged_hook
         self.fan_in_fan_out = fan_in_fan_out
         if r > 0:
             self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
@@ -149,22 +145,9 @@ class SVDLinear(LoRALayer, nn.Linear):
     def _merge_args(self):
         return self.weight.data, self.fan_in_fan_out, [True]
 
-    def _apply_delta(self, sign: int) -> None:
-        fn = LF.merge_ if sign > 0 else LF.unmerge_
-        with torch.no_grad():
-            fn(self.weight.data, self.lora_A * self.lora_E, self.lora_B, self.scaling,
-               self.fan_in_fan_out)
-
-    @staticmethod
-    def _save_unmerged_hook(module, destination, prefix, local_metadata):
-        key = prefix + "weight"
-        if module.merged and module._has_lora() and key in destination:
-            w = destination[key].detach().clone()
-            with torch.no_grad():
-                LF.unmerge_(w, module.lora_A * module.lora_E, module.lora_B, module.scaling,
-                            module.fan_in_fan_out)
-            destination[key] = w
-        return destination
+    def _lora_pair(self):
+        """Merge and checkpoints use B·(A⊙E)."""
+        return (self.lora_A * self.lora_E).detach(), self.lora_B.detach()
 
     def delta_weight(self) -> torch.Tensor:
         """scaling·B·(A⊙E) in W's layout (differentiable)."""

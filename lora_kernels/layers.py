@@ -61,6 +61,10 @@ class LoRALayer:
         """(W as a 2-D tensor to merge into, fan_in_fan_out, enable_lora)."""
         raise NotImplementedError
 
+    def _lora_pair(self):
+        """(A, B) whose B·A is merged into W (detached)."""
+        return self.lora_A.detach(), self.lora_B.detach()
+
     def _dropout_p(self) -> float:
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
@@ -69,8 +73,7 @@ class LoRALayer:
         w2d, fan_in_fan_out, enable_lora = self._merge_args()
         fn = LF.merge_ if sign > 0 else LF.unmerge_
         with torch.no_grad():
-            fn(w2d, self.lora_A.detach(), self.lora_B.detach(), self.scaling, fan_in_fan_out,
-               enable_lora)
+            fn(w2d, *self._lora_pair(), self.scaling, fan_in_fan_out, enable_lora)
 
     def train(self, mode: bool = True):
         nn.Module.train(self, mode)
@@ -95,8 +98,9 @@ class LoRALayer:
         if module.merged and module._has_lora() and key in destination:
             w = destination[key].detach().clone()
             w2d, fan_in_fan_out, enable_lora = module._merge_args()
-            LF.unmerge_(w if w.dim() == 2 else w.view(w2d.shape), module.lora_A.detach(),
-                        module.lora_B.detach(), module.scaling, fan_in_fan_out, enable_lora)
+            with torch.no_grad():
+                LF.unmerge_(w if w.dim() == 2 else w.view(w2d.shape), *module._lora_pair(),
+                            module.scaling, fan_in_fan_out, enable_lora)
             destination[key] = w
         return destination
 
