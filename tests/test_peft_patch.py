@@ -276,6 +276,12 @@ def test_several_active_adapters():
     check_parity(model, ref, net_inputs())
     assert any(".other" in n for n, g in lora_grads(model).items() if g is not None)
 
+    for m in (model, ref):  # switching adapters (lin1 has none active: its base runs)
+        m.set_adapter("other")
+    with torch.no_grad():
+        got = model(*net_inputs())
+    torch.testing.assert_close(got, ref(*net_inputs()), **TOL)
+
     # Mixed batches (adapter_names=) are PEFT's.
     x = torch.randn(3, 16)
     names = ["default", "other", "__base__"]
@@ -311,6 +317,7 @@ def test_patch_twice_is_noop_and_unpatch_restores_peft_forward():
                                              init_lora_weights=False))
     ref = copy.deepcopy(model)
     first = patch_peft(model, verbose=False)
+    assert model.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
     layers = [m for m in model.modules() if isinstance(m, lora_layer.LoraLayer)]
     fwds = [m.__dict__["forward"] for m in layers]
     second = patch_peft(model, verbose=False)
