@@ -43,9 +43,10 @@ exactly PEFT's dtype; the low-rank branch is computed as under
 When x's dtype differs from the weight's outside autocast, PEFT runs.
 
 Left to PEFT's own forward, per call: ``adapter_names=`` (mixed batches) or
-any other extra argument, merged layers, disabled adapters, an active adapter
-that is a LoRA variant (DoRA, aLoRA, …), AdaLoRA adapters of rank 0, base
-layers or LoRA sub-modules with forward hooks, a dropout module that is not
+any other extra argument, merged layers, disabled adapters, no active adapter
+in the layer (PEFT then runs the base layer alone), an active adapter that is
+a LoRA variant (DoRA, aLoRA, …), AdaLoRA adapters of rank 0, base layers or
+LoRA sub-modules with forward hooks, a dropout module that is not
 ``nn.Dropout``/``nn.Identity``. Never patched (reported by ``patch_peft``):
 layer types other than the ones above (quantized bnb/GPTQ/…, MultiheadAttention,
 ParamWrapper, other tuners), a base layer that is not a plain ``nn.Linear``/
