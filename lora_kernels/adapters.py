@@ -614,5 +614,12 @@ def _load(model, config, lora, other, strict) -> LoadedAdapter:
                 m._apply_delta(+1)
         for target, t in copies:
             own[target].copy_(t)
+    # What the model now holds, for save_adapter: the adapter's biases and modules_to_save.
+    record = dict(model.__dict__.get(CONFIG_ATTR) or {"target_modules": None})
+    if config.get("bias", "none") != "none":
+        record["bias"] = config["bias"]
+    saved = set(record.get("modules_to_save") or []) | set(config.get("modules_to_save") or [])
+    record["modules_to_save"] = sorted(saved) or None
+    model.__dict__[CONFIG_ATTR] = record
     return LoadedAdapter(config=config, layers=[p[0].name for p in plan],
                          tensors=[c[0] for c in copies])
