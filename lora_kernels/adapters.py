@@ -20,8 +20,8 @@ ones (same layout, so a loralib model exports as it is). PEFT's scaling for a
 module is ``lora_alpha / r_p`` (``/ √r_p`` with ``use_rslora``), with r_p and
 lora_alpha taken from ``rank_pattern``/``alpha_pattern`` where a key matches.
 
-How each layer maps, and what is exact (both ways, up to nothing: the same
-numbers, and the same ΔW):
+How each layer maps ("exact": the same ΔW, so the same outputs up to
+floating-point round-off):
 
 * Linear, transformers Conv1D (``fan_in_fan_out``), Embedding: A and B as they
   are, r_p = r. Exact.
@@ -38,7 +38,8 @@ numbers, and the same ΔW):
   give ΔW = (B·A).view(W's shape); PEFT's give ΔW = B·A.flatten(1).
   - saving: exact, at PEFT rank r_p = r·k₁·K′ (our ΔW is generally not of
     rank r in PEFT's view; lora_alpha scales with it, so the scaling is α/r),
-    so r_p = r for a kernel of all ones and r·k₁ for Conv1d;
+    so r_p = r for a kernel of all ones, r·k₁ for Conv1d, 9·r for a 3×3
+    Conv2d (r_p and α·r_p/r go to rank_pattern/alpha_pattern);
   - loading a PEFT adapter of rank r_p into a layer of rank r: exact when
     r_p = r·k₁·K′ and the adapter has the block layout saving gives (our own
     adapters come back as they were), or when r_p·K′ <= r·k₁ (B becomes
