@@ -7,6 +7,8 @@ from . import functional, reference
 from .backends import use_backend
 from .layers import (Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, LoRALayer, Linear,
                      MergedLinear)
+from . import adalora
+from .peft_patch import is_patched, patch_peft, unpatch_peft
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 
 __version__ = "0.1.0"
@@ -14,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRALayer", "Linear", "MergedLinear", "Embedding", "ConvLoRA", "Conv1d", "Conv2d",
     "Conv3d", "mark_only_lora_as_trainable", "lora_state_dict", "use_backend", "functional",
-    "reference", "ops", "__version__",
+    "reference", "ops", "adalora", "patch_peft", "unpatch_peft", "is_patched", "__version__",
 ]
