@@ -8,6 +8,8 @@ from .backends import use_backend
 from .layers import (Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, LoRALayer, Linear,
                      MergedLinear)
 from . import adalora
+from .adapters import load_adapter, save_adapter
+from .inject import inject
 from .peft_patch import is_patched, patch_peft, unpatch_peft
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 
@@ -16,5 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRALayer", "Linear", "MergedLinear", "Embedding", "ConvLoRA", "Conv1d", "Conv2d",
     "Conv3d", "mark_only_lora_as_trainable", "lora_state_dict", "use_backend", "functional",
-    "reference", "ops", "adalora", "patch_peft", "unpatch_peft", "is_patched", "__version__",
+    "reference", "ops", "adalora", "patch_peft", "unpatch_peft", "is_patched", "inject",
+    "save_adapter", "load_adapter", "__version__",
 ]
