@@ -16,3 +16,33 @@ def test_finetune_tiny_learns():
     losses, acc = _load("finetune_tiny").main(["--steps", "60", "--dim", "64", "--depth", "1",
                                                "--vocab", "64", "--batch", "16", "--seq", "16"])
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_peft_finetune_patched_matches_peft_and_holds_less():
+    losses, memory, _ = _load("peft_finetune").main(
+        ["--steps", "4", "--hidden", "64", "--seq", "8", "--batch", "4"])
+    # Same weights; only the dropout masks differ (each draws its own).
+    assert abs(losses["peft"][0] - losses["patched"][0]) < 0.05
+    assert memory["patched"] < memory["peft"]
+
+
+def test_peft_finetune_gpt2_without_dropout_equals_peft():
+    losses, memory, _ = _load("peft_finetune").main(
+        ["--model", "gpt2", "--steps", "3", "--hidden", "64", "--seq", "8", "--batch", "4",
+         "--dropout", "0"])
+    for a, b in zip(losses["peft"], losses["patched"]):
+        assert abs(a - b) < 1e-4
+    assert memory["patched"] <= memory["peft"] + 1e-3  # + the 8-byte seeds
+
+
+def test_convert_adapter_round_trips_both_ways(tmp_path):
+    diff_in, diff_out = _load("convert_adapter").main(["--out", str(tmp_path), "--steps", "2"])
+    assert diff_in < 1e-4 and diff_out < 1e-4
+    assert (tmp_path / "lora_kernels_adapter" / "adapter_model.safetensors").exists()
+
+
+def test_adalora_tiny_moves_the_budget_and_learns():
+    history = _load("adalora_tiny").main(["--steps", "60", "--tinit", "5", "--tfinal", "15"])
+    first, last = history[0], history[-1]
+    assert last[2] == 3 * 3 and sum(last[3]) == 9     # target_r 3 × 3 layers
+    assert last[1] < 0.7 * first[1]
