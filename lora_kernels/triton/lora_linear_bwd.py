@@ -35,6 +35,7 @@ from .common import (
 )
 from .lora_linear_fwd import _GEMM_GPU, _GEMM_INTERP, _GEMM_STAGES, _GEMM_WARPS
 from .philox import keep_scale_tile
+from .tiles import grouped_tile, lowrank_tile, matmul_tile
 from .rank_r_grads import rank_r_grads
 
 
@@ -47,36 +48,15 @@ def _dx_kernel(g_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, M, N, K, R,
                ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # dx (M tokens × N in-features) = g (M × K out-features) · W (K × N)
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     dtype = dx_ptr.dtype.element_ty
-
-    acc = tl.zeros((BM, BN), dtype=ACC)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        g = tl.load(g_ptr + rm[:, None] * stride_gm + rk[None, :] * stride_gk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
-                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(g, w, acc, input_precision=PREC)
-
+    acc = matmul_tile(g_ptr, w_ptr, rm, rn, M, N, K, stride_gm, stride_gk, stride_wk, stride_wn,
+                      ACC, PREC, BM, BN, BK)
     if HAS_LORA:  # epilogue: + mask ⊙ (dS·A)
-        low = tl.zeros((BM, BN), dtype=ACC)
-        for r0 in range(0, R, BR):
-            rr = r0 + tl.arange(0, BR)
-            ds = tl.load(ds_ptr + rm[:, None] * stride_dsm + rr[None, :],
-                         mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + rn[None, :] * stride_an,
-                        mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-            low = tl.dot(ds.to(dtype), a, low, input_precision=PREC)
+        low = lowrank_tile(ds_ptr, a_ptr, rm, rn, M, N, R, stride_dsm, stride_ar, stride_an,
+                           dtype, ACC, PREC, BR, BM, BN)
         if HAS_DROPOUT:
             low = low * keep_scale_tile(tl.load(seed_ptr), rm, pid_n * BN, N, threshold,
                                         dtype, BM, BN).to(ACC)

@@ -36,6 +36,7 @@ from .common import (
     pow2_at_least_16,
 )
 from .philox import keep_scale_tile
+from .tiles import grouped_tile, lowrank_tile, matmul_tile
 
 # Block sizes: BM tokens × BN output features × BK reduction (in features).
 _GEMM_GPU = [dict(BM=128, BN=128, BK=64, GROUP_M=8), dict(BM=128, BN=256, BK=64, GROUP_M=8),
@@ -84,39 +85,16 @@ def _fused_linear_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, M, N, K, R
                          HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ACC: tl.constexpr,
                          PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
                          BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped launch order: GROUP_M row blocks share each column block of W
-    # while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     dtype = y_ptr.dtype.element_ty
-
-    acc = tl.zeros((BM, BN), dtype=ACC)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
-                    mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PREC)
-
+    # x·Wᵀ: W (out, in) read as its transpose through the strides.
+    acc = matmul_tile(x_ptr, w_ptr, rm, rn, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
+                      ACC, PREC, BM, BN, BK)
     if HAS_LORA:  # epilogue: + scaling · S·B_fullᵀ, rank block by rank block
-        low = tl.zeros((BM, BN), dtype=ACC)
-        for r0 in range(0, R, BR):
-            rr = r0 + tl.arange(0, BR)
-            s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :],
-                        mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-            b = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-                        mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-            low = tl.dot(s.to(dtype), b, low, input_precision=PREC)
-        acc += low * scaling
+        acc += scaling * lowrank_tile(s_ptr, b_ptr, rm, rn, M, N, R, stride_sm, stride_br,
+                                      stride_bn, dtype, ACC, PREC, BR, BM, BN)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(ACC)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(dtype),
