@@ -1,0 +1,21 @@
+#include <c10/cuda/CUDAException.h>
+
+#include "lowrank_da.cuh"
+
+namespace lora_kernels {
+namespace cuda {
+
+template <typename scalar_t>
+void launch_lowrank_da(const LowrankDaArgs<scalar_t>& a, Stream stream) {
+  const LaunchShape s = lowrank_da_shape(a);
+  lowrank_da_kernel_for<scalar_t>(a.R)<<<dim3(s.gx, s.gy, s.gz), s.block, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template void launch_lowrank_da<c10::Half>(const LowrankDaArgs<c10::Half>&, Stream);
+template void launch_lowrank_da<c10::BFloat16>(const LowrankDaArgs<c10::BFloat16>&, Stream);
+template void launch_lowrank_da<float>(const LowrankDaArgs<float>&, Stream);
+template void launch_lowrank_da<double>(const LowrankDaArgs<double>&, Stream);
+
+}  // namespace cuda
+}  // namespace lora_kernels

@@ -1,0 +1,21 @@
+#include <c10/cuda/CUDAException.h>
+
+#include "rank_r_grads.cuh"
+
+namespace lora_kernels {
+namespace cuda {
+
+template <typename scalar_t>
+void launch_rank_r_grads(const RankGradsArgs<scalar_t>& a, Stream stream) {
+  const LaunchShape s = rank_r_grads_shape(a);
+  rank_r_grads_kernel_for<scalar_t>(a.R)<<<dim3(s.gx, s.gy, s.gz), s.block, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template void launch_rank_r_grads<c10::Half>(const RankGradsArgs<c10::Half>&, Stream);
+template void launch_rank_r_grads<c10::BFloat16>(const RankGradsArgs<c10::BFloat16>&, Stream);
+template void launch_rank_r_grads<float>(const RankGradsArgs<float>&, Stream);
+template void launch_rank_r_grads<double>(const RankGradsArgs<double>&, Stream);
+
+}  // namespace cuda
+}  // namespace lora_kernels

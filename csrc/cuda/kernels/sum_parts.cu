@@ -1,0 +1,26 @@
+#include <c10/cuda/CUDAException.h>
+
+#include "sum_parts.cuh"
+
+namespace lora_kernels {
+namespace cuda {
+
+template <typename acc_t, typename out_t>
+void launch_sum_parts(const SumPartsArgs<acc_t, out_t>& a, Stream stream) {
+  if (a.rows * a.cols == 0) return;
+  const LaunchShape s = sum_parts_shape(a);
+  sum_parts_kernel<acc_t, out_t><<<dim3(s.gx, s.gy, s.gz), s.block, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// (partials, output): the low-rank dtype, or the parameters' dtype.
+#define LK_INSTANTIATE(A, O) \
+  template void launch_sum_parts<A, O>(const SumPartsArgs<A, O>&, Stream);
+LK_INSTANTIATE(float, float)
+LK_INSTANTIATE(float, c10::Half)
+LK_INSTANTIATE(float, c10::BFloat16)
+LK_INSTANTIATE(double, double)
+#undef LK_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace lora_kernels

@@ -1,0 +1,209 @@
+// lora_linear_bwd on CUDA: gradients of y = x·Wᵀ + bias + scaling · dropout(x)·Aᵀ·Bᵀ.
+//
+//   dS   = scaling · g·B_full                   (tokens × R)
+//   dB   = scaling · gᵀ·s  (B_full's layout, ungrouped to lora_B's rows)
+//   dA   = dSᵀ · dropout(x)
+//   dx   = g·W  +  mask ⊙ (dS·A) · keep_scale
+//   dW   = gᵀ·x  (xᵀ·g with fan_in_fan_out),   dbias = Σ_tokens g
+//
+// Memory plan
+//   * Inputs kept by the forward: s (tokens × R, for dB), x only when dA or
+//     dW is asked for (else it may be empty), and the 8-byte seed; the mask
+//     is regenerated here, never stored or loaded.
+//   * dS and dB come from ONE read of g (kernels/rank_r_grads.cuh): each
+//     block reduces its g tiles into a dS partial per column chunk and a dB
+//     partial per row slot; the partials (chunks·tokens·R + slots·out·R, a
+//     few MB) are summed in a fixed order, with the scaling, into dS
+//     (tokens × R) and dB. Nothing tokens × out is made.
+//   * dA = dSᵀ·(x ⊙ m) is one pass over x with the mask applied as x loads
+//     (kernels/lowrank_da.cuh), partials per split of the tokens (R × in
+//     each), summed in a fixed order.
+//   * dx (tokens × in) is the only tokens × in tensor written: first
+//     dx = m ⊙ (dS·A) · keep_scale (kernels/rank_update.cuh, one write, the
+//     mask regenerated per tile), then ONE cuBLAS GEMM dx += g·W through
+//     ATen (addmm_ with beta = 1). dW = gᵀ·x is one cuBLAS GEMM, dbias an
+//     ATen column sum, each only when asked for.
+//   * Only what output_mask asks for is computed; the others are empty.
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace lora_kernels {
+namespace cuda {
+namespace {
+
+constexpr const char* kOp = "lora_linear_bwd";
+
+struct Wants {
+  bool dx, dA, dB;
+};
+
+template <typename scalar_t>
+void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const Tensor& B_l,
+                      const Tensor& s, const GroupLayout& L, double scaling,
+                      const MaskArgs& mask, Wants w, Tensor& dx, Tensor& dA, Tensor& dB) {
+  using acc_t = acc_type<scalar_t>;
+  const Stream stream = current_stream();
+  const int64_t T = g.size(0), out = g.size(1), in = A_l.size(1), R = A_l.size(0);
+  const auto acc_opts = g.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+
+  // dS and dB_full from one read of g.
+  Tensor dS = (w.dx || w.dA) ? at::empty({T, R}, acc_opts) : Tensor();
+  Tensor dB_full = w.dB ? at::empty({out, R}, acc_opts) : Tensor();
+  {
+    const Tensor gr = rows_layout(g);
+    RankGradsArgs<scalar_t> a;
+    a.g = gr.data_ptr<scalar_t>();
+    a.ldg = row_stride(gr);
+    a.g_vec = rows_aligned(a.g, a.ldg, grads_tile<acc_t>() * grads_tile<acc_t>() / kGradsThreads);
+    a.Bm = B_l.data_ptr<acc_t>();
+    a.S = w.dB ? s.data_ptr<acc_t>() : nullptr;
+    a.T = T;
+    a.N = out;
+    a.R = R;
+    plan_rank_r_grads(T, out, R, grads_tile<acc_t>(), target_blocks(2), &a.chunks, &a.chunk_cols,
+                      &a.slots);
+    Tensor ds_parts = dS.defined() ? parts_buffer<acc_t>(g, a.chunks, T, R) : Tensor();
+    Tensor db_parts = w.dB ? parts_buffer<acc_t>(g, a.slots, out, R) : Tensor();
+    a.ds_parts = dS.defined() ? ds_parts.data_ptr<acc_t>() : nullptr;
+    a.db_parts = w.dB ? db_parts.data_ptr<acc_t>() : nullptr;
+    launch_rank_r_grads<scalar_t>(a, stream);
+    if (dS.defined()) sum_parts_into<acc_t, acc_t>(ds_parts, scaling, dS);
+    if (w.dB) sum_parts_into<acc_t, acc_t>(db_parts, scaling, dB_full);
+  }
+  if (w.dB) dB = ungroup_b(dB_full, L);
+
+  if (w.dA) {  // dA = dSᵀ·(x ⊙ m)
+    const Tensor xr = rows_layout(x);
+    LowrankDaArgs<scalar_t> a;
+    a.x = xr.data_ptr<scalar_t>();
+    a.ldx = row_stride(xr);
+    a.x_vec = rows_aligned(a.x, a.ldx, da_tile<acc_t>() * da_tile<acc_t>() / kDaThreads);
+    a.dS = dS.data_ptr<acc_t>();
+    a.T = T;
+    a.K = in;
+    a.R = R;
+    a.mask = mask;
+    plan_lowrank_da(T, in, R, da_tile<acc_t>(), target_blocks(2), &a.splits, &a.rows_per_split);
+    Tensor parts = parts_buffer<acc_t>(x, a.splits, R, in);
+    a.parts = parts.data_ptr<acc_t>();
+    launch_lowrank_da<scalar_t>(a, stream);
+    dA = at::empty({R, in}, acc_opts);
+    sum_parts_into<acc_t, acc_t>(parts, 1.0, dA);
+  }
+
+  if (w.dx) {  // dx = m ⊙ (dS·A) · keep_scale; the frozen g·W is added by the caller
+    dx = at::empty({T, in}, g.options());
+    RankUpdateArgs<scalar_t, acc_t> up;
+    up.L = dS.data_ptr<acc_t>();
+    up.l_st = R;
+    up.l_sk = 1;
+    up.Rm = A_l.data_ptr<acc_t>();  // A (R × in) read as an in × R matrix
+    up.r_sn = 1;
+    up.r_sk = in;
+    up.out = dx.data_ptr<scalar_t>();
+    up.o_st = in;
+    up.o_sn = 1;
+    up.T = T;
+    up.N = in;
+    up.R = R;
+    up.alpha = acc_t(1);
+    up.mask = mask;
+    launch_rank_update<scalar_t, acc_t>(up, stream);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_impl(
+    const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+    const Tensor& lora_B, const Tensor& s, const Tensor& seed, double scaling, double dropout_p,
+    bool fan_in_fan_out, int64_t num_groups, at::IntArrayRef groups,
+    c10::List<bool> output_mask) {
+  TORCH_CHECK(output_mask.size() == 5, kOp,
+              ": output_mask must have 5 flags (dx, dweight, dbias, dA, dB), got ",
+              output_mask.size());
+  const bool want_dx = output_mask[0], want_dw = output_mask[1], want_db = output_mask[2],
+             want_dA = output_mask[3], want_dB = output_mask[4];
+  check_linear_operands(kOp, "grad", grad, weight, lora_A, lora_B);
+  const int64_t T = grad.size(0);
+  const int64_t out = grad.size(1);
+  const int64_t w_out = fan_in_fan_out ? weight.size(1) : weight.size(0);
+  const int64_t in = fan_in_fan_out ? weight.size(0) : weight.size(1);
+  TORCH_CHECK(w_out == out, kOp, ": weight must have ", out, " out features (grad is ",
+              shape_str(grad), ", fan_in_fan_out=", fan_in_fan_out, "), got ", shape_str(weight));
+  const bool need_x = want_dA || want_dw;
+  if (need_x) {
+    check_cuda(kOp, "x", x, "grad", grad);
+    check_same_dtype(kOp, "x", x, "grad", grad);
+    check_shape(kOp, "x", x, {T, in}, "[tokens, in_features]; needed for dA or dweight");
+  }
+  const GroupLayout L = make_layout(kOp, out, num_groups, groups, lora_A, lora_B, in);
+  const int64_t R = lora_A.size(0);
+  const auto lt = lowrank_dtype(grad.scalar_type());
+  if (want_dB) {
+    check_cuda(kOp, "s", s, "grad", grad);
+    TORCH_CHECK(s.scalar_type() == lt, kOp, ": s must have dtype ", lt, " (the low-rank dtype of ",
+                grad.scalar_type(), "), got ", s.scalar_type());
+    check_shape(kOp, "s", s, {T, R}, "[tokens, r * len(groups)], from lora_linear_fwd");
+  }
+  check_dropout_p(kOp, dropout_p);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const bool lora_needs_mask = (want_dx || want_dA) && R > 0 && T > 0 && in > 0;
+  const MaskArgs mask = lora_needs_mask ? make_mask(kOp, seed, dropout_p, grad) : MaskArgs{};
+
+  const Tensor w_oi = fan_in_fan_out ? weight.t() : weight;  // (out, in)
+  Tensor dw = want_dw ? (fan_in_fan_out ? at::mm(x.t(), grad) : at::mm(grad.t(), x))
+                      : weight.new_empty({0});
+  Tensor db = want_db ? at::sum(grad, {0}) : grad.new_empty({0});
+  Tensor dx = grad.new_empty({0});
+  Tensor dA = want_dA ? Tensor() : lora_A.new_empty({0});
+  Tensor dB = want_dB ? Tensor() : lora_B.new_empty({0});
+
+  const bool lowrank = R > 0 && T > 0 && in > 0 && out > 0;
+  const Wants w{want_dx && lowrank, want_dA && lowrank, want_dB && lowrank};
+  if (want_dA && !lowrank) dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
+  if (want_dB && !lowrank) dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
+  if (w.dx || w.dA || w.dB) {
+    const Tensor A_l = lora_A.to(lt).contiguous();  // (R, in)
+    const Tensor B_l = b_full(lora_B, L, lt);       // (out, R)
+    const Tensor s_c = w.dB ? s.contiguous() : s;
+    check_contiguous(kOp, "lora_A (low-rank dtype)", A_l);
+    check_contiguous(kOp, "B_full", B_l);
+    Tensor dA_acc, dB_acc;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kOp, [&] {
+      lowrank_backward<scalar_t>(grad, x, A_l, B_l, s_c, L, scaling, mask, w, dx, dA_acc,
+                                 dB_acc);
+    });
+    if (w.dA) dA = dA_acc.to(lora_A.scalar_type()).contiguous();
+    if (w.dB) dB = dB_acc.to(lora_B.scalar_type()).contiguous();
+  }
+  // The frozen part of dx: one cuBLAS GEMM, accumulating into the low-rank
+  // part when there is one.
+  if (w.dx)
+    dx.addmm_(grad, w_oi, /*beta=*/1.0, /*alpha=*/1.0);
+  else if (want_dx)
+    dx = at::mm(grad, w_oi).contiguous();
+  return {dx, dw, db, dA, dB};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd(
+    const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+    const Tensor& lora_B, const Tensor& s, const Tensor& seed, double scaling, double dropout_p,
+    bool fan_in_fan_out, int64_t num_groups, at::IntArrayRef groups,
+    c10::List<bool> output_mask) {
+  const at::AutoDispatchBelowAutograd below_autograd;
+  return lora_linear_bwd_impl(plain(grad), plain(x), plain(weight), plain(lora_A), plain(lora_B),
+                              plain(s), plain(seed), scaling, dropout_p, fan_in_fan_out,
+                              num_groups, groups, std::move(output_mask));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
+  m.impl("lora_linear_bwd", &lora_linear_bwd);
+}
+
+}  // namespace cuda
+}  // namespace lora_kernels
