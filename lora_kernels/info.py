@@ -9,10 +9,24 @@ import torch
 from . import __version__, backends
 
 
+def _cuda_extension_line() -> str:
+    """Whether lora_kernels._C_cuda is built, with which toolkit, for which GPUs."""
+    try:
+        cuda = backends.get("cuda")
+    except Exception as e:  # the backend module itself failed to import
+        return f"cuda extension: unavailable ({e})"
+    if not cuda.built():
+        return f"cuda extension: not built (build it with `{cuda.BUILD_HINT}`)"
+    archs = ", ".join(f"sm_{a.replace('.', '').replace('+PTX', '')}"
+                      + (" (+PTX)" if a.endswith("+PTX") else "") for a in cuda.arch_list())
+    return (f"cuda extension: built (lora_kernels._C_cuda, CUDA {cuda.cuda_version()}, "
+            f"architectures {archs or 'unknown'})")
+
+
 def report() -> str:
     lines = [f"lora_kernels {__version__}", f"torch {torch.__version__}",
              f"python {sys.version.split()[0]} ({platform.machine()})",
-             f"requested backend: {backends.requested()}"]
+             f"requested backend: {backends.requested()}", _cuda_extension_line()]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         try:
