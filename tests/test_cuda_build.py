@@ -27,13 +27,12 @@ import torch
 import lora_kernels as lk
 from lora_kernels import backends
 from lora_kernels import reference as R
+from lora_kernels.backends.forward import OPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 TORCH_INCLUDE = os.path.join(os.path.dirname(torch.__file__), "include")
 SEED = torch.tensor(0x0123_4567_89AB_CDEF, dtype=torch.int64)
-OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_embedding_fwd", "lora_embedding_bwd",
-       "merge_", "dropout")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .forward import forwarders
+
 NAME = "cuda"
 
 _IMPORT_ERROR = None
@@ -86,31 +88,5 @@ def _ops():
     return torch.ops.lora_kernels_cuda
 
 
-def lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
-                    fan_in_fan_out, num_groups, groups):
-    return _ops().lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
-                                  fan_in_fan_out, num_groups, groups)
-
-
-def lora_linear_bwd(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p,
-                    fan_in_fan_out, num_groups, groups, output_mask):
-    return _ops().lora_linear_bwd(grad, x, weight, lora_A, lora_B, s, seed, scaling,
-                                  dropout_p, fan_in_fan_out, num_groups, groups, output_mask)
-
-
-def lora_embedding_fwd(indices, weight, lora_A, lora_B, scaling):
-    return _ops().lora_embedding_fwd(indices, weight, lora_A, lora_B, scaling)
-
-
-def lora_embedding_bwd(grad, indices, weight, lora_A, lora_B, s, scaling, padding_idx,
-                       output_mask):
-    return _ops().lora_embedding_bwd(grad, indices, weight, lora_A, lora_B, s, scaling,
-                                     padding_idx, output_mask)
-
-
-def merge_(weight, lora_A, lora_B, scaling, fan_in_fan_out, num_groups, groups):
-    _ops().merge_(weight, lora_A, lora_B, scaling, fan_in_fan_out, num_groups, groups)
-
-
-def dropout(x, seed, p):
-    return _ops().dropout(x, seed, p)
+(lora_linear_fwd, lora_linear_bwd, lora_embedding_fwd, lora_embedding_bwd, merge_,
+ dropout) = forwarders(_ops)
