@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1
 STAMP  := $(VENV)/.lora_kernels-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp)
 
-.PHONY: setup bench test info clean
+.PHONY: setup bench test cuda-check info clean
 
 setup: $(STAMP)
 
@@ -22,10 +22,35 @@ bench: $(STAMP)
 	$(PY) -m lora_kernels.bench $(ARGS)
 
 # The second run puts the Triton kernels through the interpreter on CPU tensors.
-test: $(STAMP)
+test: $(STAMP) cuda-check
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable $(ARGS)
 	TRITON_INTERPRET=1 LORA_KERNELS_BACKEND=triton $(PY) -m pytest -q -p no:cacheprovider \
 	    tests -k triton $(ARGS)
+
+# The CUDA build check: where nvcc is on PATH, build the CUDA extension in
+# place for one architecture (sm_90) and check that it imports and registers
+# a CUDA kernel for every op (no GPU needed). Without nvcc it is skipped.
+NVCC := $(shell command -v nvcc 2>/dev/null)
+CUDA_OPS := lora_linear_fwd lora_linear_bwd lora_embedding_fwd lora_embedding_bwd merge_ dropout
+define CUDA_CHECK_PY
+import sys, torch
+import lora_kernels._C_cuda as ext
+missing = [op for op in sys.argv[1:]
+           if not torch._C._dispatch_has_kernel_for_dispatch_key("lora_kernels_cuda::" + op, "CUDA")]
+assert not missing, f"no CUDA kernel registered for {missing}"
+print(f"cuda-check: lora_kernels._C_cuda (CUDA {ext.cuda_version}, TORCH_CUDA_ARCH_LIST={ext.arch_list})"
+      f" registers a CUDA kernel for {len(sys.argv) - 1} ops")
+endef
+export CUDA_CHECK_PY
+
+cuda-check: $(STAMP)
+ifeq ($(NVCC),)
+	@echo "cuda-check: skipped (nvcc is not on PATH: no CUDA code built)"
+else
+	LORA_KERNELS_CUDA=only TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$${MAX_JOBS:-2} \
+	    $(PY) setup.py -q build_ext --inplace
+	$(PY) -c "$$CUDA_CHECK_PY" $(CUDA_OPS)
+endif
 
 info: $(STAMP)
 	$(PY) -m lora_kernels.info
