@@ -134,6 +134,18 @@ def get_extensions():
     return exts
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension (ninja), which also drops a CUDA extension left in
+    the build folder by an earlier LORA_KERNELS_CUDA build when this build has
+    none: setuptools reuses build/lib, and a CPU-only wheel must not pick it up."""
+
+    def run(self):
+        if not any(ext.name == "lora_kernels._C_cuda" for ext in self.extensions):
+            for stale in glob.glob(os.path.join(self.build_lib, "lora_kernels", "_C_cuda*")):
+                os.remove(stale)
+        super().run()
+
+
 TEST_REQUIRES = ["pytest", "pytest-benchmark", "hypothesis", "loralib", "peft", "transformers",
                  "safetensors", "expecttest"]
 BENCH_REQUIRES = ["tqdm", "matplotlib", "loralib", "peft"]
@@ -147,7 +159,7 @@ setup(
     install_requires=["torch"],
     extras_require={"test": TEST_REQUIRES, "bench": BENCH_REQUIRES},
     ext_modules=get_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": ABI3_TAG}},
     zip_safe=False,
 )
