@@ -5,14 +5,14 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowAutograd
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/irange.h>
 #include <cuda_runtime_api.h>
 
 #include <array>
