@@ -1,3 +1,5 @@
+// The launcher of lowrank_in.cuh's kernel (declared in launch.h), instantiated for the
+// dtypes the ops use; each launch is checked.
 #include <c10/cuda/CUDAException.h>
 
 #include "lowrank_in.cuh"

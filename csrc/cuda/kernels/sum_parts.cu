@@ -1,3 +1,5 @@
+// The launcher of sum_parts.cuh's kernel (declared in launch.h), instantiated for the
+// dtypes the ops use; each launch is checked.
 #include <c10/cuda/CUDAException.h>
 
 #include "sum_parts.cuh"
