@@ -24,7 +24,11 @@ import torch
 NAMES = ("reference", "cpu", "triton", "cuda")
 CHOICES = ("auto",) + NAMES
 _BACKEND_MODULES = {name: f"lora_kernels.backends.{name}" for name in NAMES}
-_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# On CUDA the Triton kernels come first (tensor-core low-rank products, traced
+# by torch.compile); the CUDA C++ extension is opt-in (LORA_KERNELS_CUDA=1 at
+# build time) and chosen with LORA_KERNELS_BACKEND=cuda / use_backend("cuda"),
+# or by auto where Triton cannot run.
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 _state = threading.local()
 _loaded: Dict[str, object] = {}
