@@ -29,7 +29,10 @@ def keep_scale_tile(seed, rows, col0, n_cols, threshold, DTYPE: tl.constexpr,
     words4 = tl.join(tl.join(o0, o1), tl.join(o2, o3))       # [BM, W, 2, 2]: o[2·b + a] at [a, b]
     halves = tl.join(words4 & 0xFFFF, words4 >> 16)          # [BM, W, a, b, half]
     lanes = tl.reshape(tl.permute(halves, (0, 1, 3, 2, 4)), (BM, BK))  # lane 4b + 2a + half
-    scale = tl.full([], 65536.0, tl.float64) / tl.full([], 65536 - threshold, tl.float64)
+    # threshold 65536 (p = 1) keeps nothing: its scale is never used, and the
+    # divisor is moved off zero.
+    divisor = 65536 - threshold + 65535 * (threshold >= 65536)
+    scale = tl.full([], 65536.0, tl.float64) / tl.full([], divisor, tl.float64)
     if DTYPE == tl.float64:
         keep = scale
     else:

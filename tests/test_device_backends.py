@@ -1,10 +1,12 @@
-"""The Triton kernels (lora_kernels/triton) against the reference and the CPU
+"""The GPU backends (Triton, CUDA C++) against the reference and the CPU
 backend: bit-identical dropout masks, odd shapes that straddle tiles, large
-ranks, and routing of CPU tensors through them under the interpreter.
+ranks, determinism, and routing of CPU tensors through Triton under the
+interpreter.
 
-On a machine without a GPU these run under ``TRITON_INTERPRET=1`` (CI does:
-see the Makefile's test target); the ``gpu`` tests run the same checks on a
-CUDA device, including bf16, which the interpreter cannot do.
+Each test runs for every (backend, device) pair that can run here: Triton on
+CPU tensors under ``TRITON_INTERPRET=1`` (CI does: see the Makefile's test
+target), and, marked ``gpu``, Triton and the CUDA C++ extension on a CUDA
+device, where bf16 is checked too (the interpreter has no bf16 arithmetic).
 """
 import os
 
@@ -16,23 +18,38 @@ from lora_kernels import backends
 from lora_kernels import reference as R
 
 SEED = torch.tensor(0x0123_4567_89AB_CDEF, dtype=torch.int64)
-
-DEVICES = []
-if os.environ.get("TRITON_INTERPRET") == "1" and not backends.reasons("triton", "cpu"):
-    DEVICES.append(pytest.param("cpu", id="interpreter"))
-DEVICES.append(pytest.param("cuda", id="cuda", marks=[
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]))
-
-pytestmark = pytest.mark.skipif(
-    backends.reasons("triton", "cuda" if torch.cuda.is_available() else "cpu") != [],
-    reason="triton backend cannot run here: "
-    + "; ".join(backends.reasons("triton", "cuda" if torch.cuda.is_available() else "cpu")))
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _triton():
-    backends.get("triton")._ops()
-    return torch.ops.lora_kernels_triton
+def _pair(backend, device):
+    """A (backend, device) parameter, skipped with the backend's reasons."""
+    gpu = device == "cuda"
+    why = ["needs a CUDA GPU"] if gpu and not torch.cuda.is_available() \
+        else backends.reasons(backend, device)
+    if not gpu and not INTERPRETED:
+        why = ["triton on CPU tensors runs under TRITON_INTERPRET=1 only"]
+    marks = ([pytest.mark.gpu] if gpu else []) + \
+        ([pytest.mark.skip(reason=f"{backend} on {device}: " + "; ".join(why))] if why else [])
+    return pytest.param((backend, device), id=f"{backend}-{'gpu' if gpu else 'interpreter'}",
+                        marks=marks)
+
+
+PAIRS = [_pair("triton", "cpu"), _pair("triton", "cuda"), _pair("cuda", "cuda")]
+
+
+class _On:
+    """``torch.ops.lora_kernels.<op>`` run on one backend."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.lora_kernels, name)
+
+        def call(*args):
+            with lk.use_backend(self.backend):
+                return op(*args)
+        return call
 
 
 def _cpu_dropout(x, seed, p):
@@ -41,9 +58,9 @@ def _cpu_dropout(x, seed, p):
         return torch.ops.lora_kernels.dropout(x.cpu(), seed.cpu(), p)
 
 
-# Tolerances of the Triton result against the float64 reference, per dtype.
-# On a GPU fp32 products run as TF32 (10-bit mantissa) unless
-# LORA_KERNELS_TRITON_TF32=0; the interpreter computes them exactly.
+# Tolerances against the float64 reference, per dtype. On a GPU fp32 products
+# may run as TF32 (10-bit mantissa: Triton unless LORA_KERNELS_TRITON_TF32=0,
+# cuBLAS when torch allows it); the interpreter computes them exactly.
 def _tol(dtype, device):
     if dtype == torch.float64:
         return dict(atol=1e-10, rtol=1e-10)
@@ -76,11 +93,12 @@ def _dtypes(device):
     return base if device == "cpu" else base + [torch.bfloat16]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5, 37), (67, 203), (2, 0, 9), (4, 8)], ids=str)
-@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
-def test_dropout_is_bit_identical_to_the_cpu_backend(device, shape, p):
-    ops = _triton()
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9, 1.0])
+def test_dropout_is_bit_identical_to_the_cpu_backend(pair, shape, p):
+    backend, device = pair
+    ops = _On(backend)
     for dtype in _dtypes(device):
         x = torch.randn(shape, dtype=torch.float64).to(dtype)
         got = ops.dropout(x.to(device), SEED.to(device), p).cpu()
@@ -89,11 +107,12 @@ def test_dropout_is_bit_identical_to_the_cpu_backend(device, shape, p):
             assert torch.equal(got, R.dropout(x, SEED, p)), dtype
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.parametrize("in_features", [8, 37, 70])
-def test_forward_regenerates_the_same_mask(device, in_features):
+def test_forward_regenerates_the_same_mask(pair, in_features):
     """With A = I the kept product s = dropout(x)·Aᵀ is dropout(x) itself, exactly."""
-    ops = _triton()
+    backend, device = pair
+    ops = _On(backend)
     x = torch.randn(45, in_features, dtype=torch.float64)
     w = torch.randn(6, in_features, dtype=torch.float64)
     a = torch.eye(in_features, dtype=torch.float64)
@@ -104,10 +123,11 @@ def test_forward_regenerates_the_same_mask(device, in_features):
     assert torch.equal(s.cpu(), _cpu_dropout(x, SEED, 0.3))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_epilogue_drops_exactly_the_forward_mask(device):
+@pytest.mark.parametrize("pair", PAIRS)
+def test_backward_epilogue_drops_exactly_the_forward_mask(pair):
     """dx = g·W + m ⊙ (dS·A): with W = 0 and A = I, dx is zero exactly where m is."""
-    ops = _triton()
+    backend, device = pair
+    ops = _On(backend)
     tokens, d = 33, 27
     x = torch.randn(tokens, d, dtype=torch.float64)
     w = torch.zeros(5, d, dtype=torch.float64)
@@ -140,7 +160,7 @@ def _linear_case(tokens, in_f, out_f, r, num_groups, groups, fifo, dtype, device
             [t.detach().requires_grad_() for t in leaves])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.parametrize("case", [
     # tokens, in, out, r, num_groups, groups, fan_in_fan_out, p, non-contiguous x
     (7, 9, 5, 3, 1, [0], False, 0.0, False),
@@ -149,12 +169,13 @@ def _linear_case(tokens, in_f, out_f, r, num_groups, groups, fifo, dtype, device
     (11, 24, 30, 48, 3, [0, 1, 2], True, 0.1, False),  # r·groups = 144: three rank blocks
     (33, 20, 66, 5, 2, [1], False, 0.5, False),
 ], ids=str)
-def test_linear_forward_and_every_gradient(device, case):
+def test_linear_forward_and_every_gradient(pair, case):
+    backend, device = pair
     tokens, in_f, out_f, r, G, groups, fifo, p, noncontig = case
     for dtype in _dtypes(device):
         ref, got = _linear_case(tokens, in_f, out_f, r, G, groups, fifo, dtype, device,
                                 noncontig)
-        with lk.use_backend("triton"):
+        with lk.use_backend(backend):
             y, _ = torch.ops.lora_kernels.lora_linear_fwd(*got, SEED.to(device), 1.3, p, fifo,
                                                            G, groups)
             g = torch.randn(y.shape, dtype=torch.float64)
@@ -170,9 +191,10 @@ def test_linear_forward_and_every_gradient(device, case):
             _close(t.grad, u.grad, v.grad, dtype, device, f"d{name}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.parametrize("fifo,G,groups", [(False, 1, [0]), (True, 3, [0, 2])])
-def test_merge_unmerge_in_place(device, fifo, G, groups):
+def test_merge_unmerge_in_place(pair, fifo, G, groups):
+    backend, device = pair
     for dtype in _dtypes(device):
         gen = torch.Generator().manual_seed(3)
         out_f, in_f, r = 36, 29, 6
@@ -182,7 +204,7 @@ def test_merge_unmerge_in_place(device, fifo, G, groups):
         b = torch.randn(out_f // G * len(groups), r, generator=gen, dtype=torch.float64)
         wd = w.to(device=device, dtype=dtype, copy=True)
         ptr = wd.data_ptr()
-        with lk.use_backend("triton"):
+        with lk.use_backend(backend):
             torch.ops.lora_kernels.merge_(wd, a.to(device, dtype), b.to(device, dtype), 0.7,
                                           fifo, G, groups)
             assert wd.data_ptr() == ptr
@@ -194,8 +216,9 @@ def test_merge_unmerge_in_place(device, fifo, G, groups):
         torch.testing.assert_close(wd.double().cpu(), w.to(dtype).double(), **_tol(dtype, "cpu"))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_embedding_forward_and_gradients(device):
+@pytest.mark.parametrize("pair", PAIRS)
+def test_embedding_forward_and_gradients(pair):
+    backend, device = pair
     for dtype in _dtypes(device):
         gen = torch.Generator().manual_seed(5)
         num, dim, r = 41, 35, 7
@@ -205,7 +228,7 @@ def test_embedding_forward_and_gradients(device):
                     torch.randn(dim, r, generator=gen, dtype=torch.float64)]
         ref = [t.clone().requires_grad_(i > 0) for i, t in enumerate(leaves64)]
         got = [t.to(device, dtype).requires_grad_(i > 0) for i, t in enumerate(leaves64)]
-        with lk.use_backend("triton"):
+        with lk.use_backend(backend):
             y = lk.functional.lora_embedding(idx.to(device), *got, 0.9, padding_idx=4)
             g = torch.randn(y.shape, dtype=torch.float64)
             y.backward(g.to(device, dtype))
@@ -215,6 +238,35 @@ def test_embedding_forward_and_gradients(device):
         torch.testing.assert_close(y.double().cpu(), y_ref, **tol)
         torch.testing.assert_close(got[1].grad.double().cpu(), ref[1].grad, **tol)
         torch.testing.assert_close(got[2].grad.double().cpu(), ref[2].grad, **tol)
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_gradients_are_deterministic(pair):
+    """Fixed-order partial sums, no atomics: two backward passes agree bit for bit."""
+    backend, device = pair
+    torch.manual_seed(0)
+    layer = lk.MergedLinear(40, 60, r=4, lora_dropout=0.1,
+                            enable_lora=[True, False, True]).to(device)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 37, 40, device=device)
+    grads = []
+    with lk.use_backend(backend):
+        for _ in range(2):
+            layer.zero_grad()
+            torch.manual_seed(1)
+            layer(x).square().sum().backward()
+            grads.append([p.grad.clone() for p in (layer.lora_A, layer.lora_B)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or bool(backends.reasons("cuda", "cuda")),
+                    reason="needs a CUDA GPU and the CUDA extension")
+def test_cuda_backend_accepts_a_seed_on_the_cpu():
+    x = torch.randn(67, 203, dtype=torch.float64)
+    got = _On("cuda").dropout(x.cuda(), SEED, 0.3).cpu()
+    assert torch.equal(got, _cpu_dropout(x, SEED, 0.3))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
