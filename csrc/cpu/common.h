@@ -1,6 +1,6 @@
-// Shared helpers of the CPU kernels: input checks with readable messages,
-// the group layout of (Merged)Linear, the dropout mask of a row block, and
-// the small row-major GEMM used inside the fused loops.
+// Shared helpers of the CPU kernels: the CPU device checks (the checks
+// common to both backends are in ../op_checks.h), the dropout mask of a row
+// block, and the small row-major GEMM used inside the fused loops.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,10 +11,9 @@
 
 #include <cstdint>
 #include <cstring>
-#include <sstream>
-#include <string>
 #include <vector>
 
+#include "../op_checks.h"
 #include "../philox.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -44,126 +43,26 @@ inline std::optional<Tensor> plain(const std::optional<Tensor>& t) {
 // threads.
 constexpr int64_t kRowBlock = 128;
 
-inline std::string shape_str(const Tensor& t) {
-  std::ostringstream os;
-  os << "[";
-  for (int64_t d = 0; d < t.dim(); ++d) os << (d ? ", " : "") << t.size(d);
-  os << "]";
-  return os.str();
-}
-
+// The CPU side of the shared device checks (op_checks.h).
 inline void check_cpu(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ",
               t.device());
 }
 
-inline void check_floating(const char* op, const char* name, const Tensor& t) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
-}
-
-inline void check_dim(const char* op, const char* name, const Tensor& t, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(),
-              "-D with shape ", shape_str(t));
-}
-
-inline void check_same_dtype(const char* op, const char* name, const Tensor& t,
-                             const char* ref_name, const Tensor& ref) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
-              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
-}
-
-inline void check_shape(const char* op, const char* name, const Tensor& t,
-                        std::vector<int64_t> expected, const char* why) {
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), op, ": ", name, " must have shape ",
-              at::IntArrayRef(expected), " (", why, "), got ", shape_str(t));
-}
-
-// The operands both linear ops check alike: ref (x or grad) and weight are
-// 2-D floating CPU tensors; weight, lora_A and lora_B have ref's dtype.
-inline void check_linear_operands(const char* op, const char* ref_name, const Tensor& ref,
-                                  const Tensor& weight, const Tensor& lora_A,
-                                  const Tensor& lora_B) {
-  check_cpu(op, ref_name, ref);
-  check_dim(op, ref_name, ref, 2);
-  check_floating(op, ref_name, ref);
-  check_cpu(op, "weight", weight);
-  check_dim(op, "weight", weight, 2);
-  check_same_dtype(op, "weight", weight, ref_name, ref);
-  check_cpu(op, "lora_A", lora_A);
-  check_cpu(op, "lora_B", lora_B);
-  check_same_dtype(op, "lora_A", lora_A, ref_name, ref);
-  check_same_dtype(op, "lora_B", lora_B, ref_name, ref);
-}
-
-inline void check_dropout_p(const char* op, double p) {
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": dropout probability must be in [0, 1], got ", p);
-}
+struct DeviceChecks {
+  static void first(const char* op, const char* name, const Tensor& t) { check_cpu(op, name, t); }
+  static void same(const char* op, const char* name, const Tensor& t, const char* /*ref_name*/,
+                   const Tensor& /*ref*/) {
+    check_cpu(op, name, t);
+  }
+};
 
 // The 64-bit seed (reinterpreted as unsigned). Only read when p > 0.
 inline uint64_t read_seed(const char* op, const Tensor& seed) {
-  TORCH_CHECK(seed.scalar_type() == at::kLong, op, ": seed must be an int64 tensor, got ",
-              seed.scalar_type());
-  TORCH_CHECK(seed.numel() == 1, op, ": seed must have exactly one element, got ", seed.numel(),
-              " (shape ", shape_str(seed), ")");
+  check_seed(op, seed);
   TORCH_CHECK(seed.device().is_cpu(), op, ": seed must be a CPU tensor, got device ",
               seed.device());
   return static_cast<uint64_t>(seed.item<int64_t>());
-}
-
-// The low-rank dtype: float32 for half inputs, the input dtype otherwise.
-inline at::ScalarType lowrank_dtype(at::ScalarType st) {
-  return (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
-}
-
-// Group layout of a (Merged)Linear: out features in num_groups equal groups;
-// groups[i] (enabled, in the order of A's and B's row blocks) owns
-// A rows [i*r, (i+1)*r) and B rows [i*size, (i+1)*size).
-struct GroupLayout {
-  int64_t num_groups = 1;
-  int64_t size = 0;          // out features per group
-  int64_t r = 0;             // rank per enabled group
-  std::vector<int64_t> groups;
-  int64_t enabled() const { return static_cast<int64_t>(groups.size()); }
-  int64_t col0(int64_t i) const { return groups[i] * size; }  // first out column of group i
-};
-
-inline GroupLayout make_layout(const char* op, int64_t out_features, int64_t num_groups,
-                               at::IntArrayRef groups, const Tensor& lora_A,
-                               const Tensor& lora_B, int64_t in_features) {
-  check_dim(op, "lora_A", lora_A, 2);
-  check_dim(op, "lora_B", lora_B, 2);
-  TORCH_CHECK(num_groups >= 1, op, ": num_groups must be >= 1, got ", num_groups);
-  TORCH_CHECK(out_features % num_groups == 0, op, ": num_groups (", num_groups,
-              ") must divide the out features (", out_features, ")");
-  GroupLayout L;
-  L.num_groups = num_groups;
-  L.size = out_features / num_groups;
-  std::vector<bool> seen(static_cast<size_t>(num_groups), false);
-  for (const int64_t g : groups) {
-    TORCH_CHECK(g >= 0 && g < num_groups, op, ": groups must lie in [0, num_groups=", num_groups,
-                "), got ", groups);
-    TORCH_CHECK(!seen[g], op, ": groups must be distinct, got ", groups);
-    seen[g] = true;
-    L.groups.push_back(g);
-  }
-  const int64_t ng = L.enabled();
-  if (ng == 0) {
-    TORCH_CHECK(lora_A.size(0) == 0 && lora_B.size(0) == 0, op,
-                ": with no enabled groups lora_A and lora_B must have 0 rows, got lora_A ",
-                shape_str(lora_A), " and lora_B ", shape_str(lora_B));
-    L.r = 0;
-  } else {
-    TORCH_CHECK(lora_A.size(0) % ng == 0, op, ": lora_A rows (", lora_A.size(0),
-                ") must be r * len(groups) = r * ", ng);
-    L.r = lora_A.size(0) / ng;
-  }
-  TORCH_CHECK(lora_A.size(1) == in_features, op, ": lora_A must have shape [r*len(groups), ",
-              in_features, "] (in_features = ", in_features, "), got ", shape_str(lora_A));
-  check_shape(op, "lora_B", lora_B, {ng * L.size, L.r},
-              "[len(groups) * out_features / num_groups, r]");
-  return L;
 }
 
 // The dropout mask of one op call (reference.py: threshold = round(p·2¹⁶),

@@ -28,11 +28,11 @@ constexpr const char* kFwd = "lora_embedding_fwd";
 constexpr const char* kBwd = "lora_embedding_bwd";
 constexpr int64_t kMaxSlots = 32;
 
-void check_indices(const char* op, const Tensor& indices, int64_t num) {
-  check_cpu(op, "indices", indices);
-  check_dim(op, "indices", indices, 1);
-  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, op,
-              ": indices must be int64 (or int32), got ", indices.scalar_type());
+// The operands (op_checks.h) and the index values, in [0, num_embeddings).
+void check_operands(const char* op, const Tensor& indices, const Tensor& weight,
+                    const Tensor& lora_A, const Tensor& lora_B) {
+  check_embedding_operands<DeviceChecks>(op, indices, weight, lora_A, lora_B);
+  const int64_t num = weight.size(0);
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "check_indices", [&] {
     const Tensor ic = indices.contiguous();
     const index_t* p = ic.data_ptr<index_t>();
@@ -41,23 +41,6 @@ void check_indices(const char* op, const Tensor& indices, int64_t num) {
                   "), got ", static_cast<int64_t>(p[t]), " at position ", t);
     }
   });
-}
-
-// weight (num, dim), A (r, num), B (dim, r), all of weight's dtype.
-void check_params(const char* op, const Tensor& weight, const Tensor& lora_A,
-                  const Tensor& lora_B) {
-  check_cpu(op, "weight", weight);
-  check_dim(op, "weight", weight, 2);
-  check_floating(op, "weight", weight);
-  check_cpu(op, "lora_A", lora_A);
-  check_cpu(op, "lora_B", lora_B);
-  check_dim(op, "lora_A", lora_A, 2);
-  check_dim(op, "lora_B", lora_B, 2);
-  check_same_dtype(op, "lora_A", lora_A, "weight", weight);
-  check_same_dtype(op, "lora_B", lora_B, "weight", weight);
-  const int64_t num = weight.size(0), dim = weight.size(1), r = lora_A.size(0);
-  check_shape(op, "lora_A", lora_A, {r, num}, "[r, num_embeddings]");
-  check_shape(op, "lora_B", lora_B, {dim, r}, "[embedding_dim, r]");
 }
 
 // s = Aᵀ[idx] and y = W[idx] + s·(scaling·B)ᵀ, row block by row block: the
@@ -105,8 +88,7 @@ void lookup_and_add(const Tensor& idx, const Tensor& weight, const Tensor& A, Te
 std::tuple<Tensor, Tensor> lora_embedding_fwd_impl(const Tensor& indices, const Tensor& weight,
                                                    const Tensor& lora_A, const Tensor& lora_B,
                                                    double scaling) {
-  check_params(kFwd, weight, lora_A, lora_B);
-  check_indices(kFwd, indices, weight.size(0));
+  check_operands(kFwd, indices, weight, lora_A, lora_B);
   const auto lt = lowrank_dtype(weight.scalar_type());
   const int64_t T = indices.size(0), dim = weight.size(1), r = lora_A.size(0);
   Tensor s = at::empty({T, r}, weight.options().dtype(lt));
@@ -172,44 +154,30 @@ std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd_impl(
     const Tensor& grad, const Tensor& indices, const Tensor& weight, const Tensor& lora_A,
     const Tensor& lora_B, const Tensor& s, double scaling, int64_t padding_idx,
     c10::List<bool> output_mask) {
-  TORCH_CHECK(output_mask.size() == 3, kBwd,
-              ": output_mask must have 3 flags (dweight, dA, dB), got ", output_mask.size());
-  const bool want_dw = output_mask[0], want_dA = output_mask[1], want_dB = output_mask[2];
-  check_params(kBwd, weight, lora_A, lora_B);
-  check_indices(kBwd, indices, weight.size(0));
+  const EmbeddingBwdWants want = embedding_bwd_wants(kBwd, output_mask);
+  check_operands(kBwd, indices, weight, lora_A, lora_B);
+  check_embedding_bwd<DeviceChecks>(kBwd, want, grad, indices, weight, lora_A, s, padding_idx);
   const int64_t T = indices.size(0), num = weight.size(0), dim = weight.size(1),
                 r = lora_A.size(0);
-  check_cpu(kBwd, "grad", grad);
-  check_same_dtype(kBwd, "grad", grad, "weight", weight);
-  check_shape(kBwd, "grad", grad, {T, dim}, "[tokens, embedding_dim]");
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < num, kBwd,
-              ": padding_idx must be -1 (none) or in [0, num_embeddings=", num, "), got ",
-              padding_idx);
   const auto lt = lowrank_dtype(weight.scalar_type());
-  if (want_dB) {
-    check_cpu(kBwd, "s", s);
-    TORCH_CHECK(s.scalar_type() == lt, kBwd, ": s must have dtype ", lt, ", got ",
-                s.scalar_type());
-    check_shape(kBwd, "s", s, {T, r}, "[tokens, r], from lora_embedding_fwd");
-  }
 
-  Tensor dw = want_dw ? at::embedding_dense_backward(grad, indices, num, padding_idx, false)
+  Tensor dw = want.dw ? at::embedding_dense_backward(grad, indices, num, padding_idx, false)
                       : weight.new_empty({0});
   Tensor dA = lora_A.new_empty({0});
   Tensor dB = lora_B.new_empty({0});
-  if (!want_dA && !want_dB) return {dw, dA, dB};
+  if (!want.dA && !want.dB) return {dw, dA, dB};
   if (T == 0 || r == 0 || dim == 0) {
-    if (want_dA) dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
-    if (want_dB) dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
+    if (want.dA) dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
+    if (want.dB) dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
     return {dw, dA, dB};
   }
   const Tensor B_l = lora_B.to(lt).contiguous();
   Tensor dS, dB_acc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), kBwd, [&] {
-    lowrank_grads<scalar_t>(grad, s, B_l, scaling, want_dA, want_dB, dS, dB_acc);
+    lowrank_grads<scalar_t>(grad, s, B_l, scaling, want.dA, want.dB, dS, dB_acc);
   });
-  if (want_dB) dB = dB_acc.to(lora_B.scalar_type()).contiguous();
-  if (want_dA) {
+  if (want.dB) dB = dB_acc.to(lora_B.scalar_type()).contiguous();
+  if (want.dA) {
     // dA[k, idx[t]] += dS[t, k], tokens in order; rows of dA in parallel.
     Tensor dA_acc = at::zeros({r, num}, dS.options());
     const Tensor ic = indices.contiguous();

@@ -180,49 +180,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_impl(
     const Tensor& lora_B, const Tensor& s, const Tensor& seed, double scaling, double dropout_p,
     bool fan_in_fan_out, int64_t num_groups, at::IntArrayRef groups,
     c10::List<bool> output_mask) {
-  TORCH_CHECK(output_mask.size() == 5, kOp,
-              ": output_mask must have 5 flags (dx, dweight, dbias, dA, dB), got ",
-              output_mask.size());
-  const bool want_dx = output_mask[0], want_dw = output_mask[1], want_db = output_mask[2],
-             want_dA = output_mask[3], want_dB = output_mask[4];
-  check_linear_operands(kOp, "grad", grad, weight, lora_A, lora_B);
-  const int64_t T = grad.size(0);
-  const int64_t out = grad.size(1);
-  const int64_t w_out = fan_in_fan_out ? weight.size(1) : weight.size(0);
-  const int64_t in = fan_in_fan_out ? weight.size(0) : weight.size(1);
-  TORCH_CHECK(w_out == out, kOp, ": weight must have ", out, " out features (grad is ",
-              shape_str(grad), ", fan_in_fan_out=", fan_in_fan_out, "), got ", shape_str(weight));
-  const bool need_x = want_dA || want_dw;
-  if (need_x) {
-    check_cpu(kOp, "x", x);
-    check_same_dtype(kOp, "x", x, "grad", grad);
-    check_shape(kOp, "x", x, {T, in}, "[tokens, in_features]; needed for dA or dweight");
-  }
-  const GroupLayout L = make_layout(kOp, out, num_groups, groups, lora_A, lora_B, in);
-  const int64_t R = lora_A.size(0);
+  const LinearBwdWants want = linear_bwd_wants(kOp, output_mask);
+  const LinearShapes d =
+      check_linear_bwd<DeviceChecks>(kOp, want, grad, x, weight, lora_A, lora_B, s, dropout_p,
+                                     fan_in_fan_out, num_groups, groups);
+  const int64_t T = d.T, in = d.in, out = d.out, R = lora_A.size(0);
+  const GroupLayout& L = d.L;
   const auto lt = lowrank_dtype(grad.scalar_type());
-  if (want_dB) {
-    check_cpu(kOp, "s", s);
-    TORCH_CHECK(s.scalar_type() == lt, kOp, ": s must have dtype ", lt, " (the low-rank dtype of ",
-                grad.scalar_type(), "), got ", s.scalar_type());
-    check_shape(kOp, "s", s, {T, R}, "[tokens, r * len(groups)], from lora_linear_fwd");
-  }
-  check_dropout_p(kOp, dropout_p);
-  const bool lora_needs_mask = (want_dx || want_dA) && R > 0 && T > 0 && in > 0;
+  const bool lora_needs_mask = (want.dx || want.dA) && R > 0 && T > 0 && in > 0;
   const MaskParams mask = lora_needs_mask ? make_mask_params(kOp, seed, dropout_p) : MaskParams{};
 
   const Tensor w_oi = fan_in_fan_out ? weight.t() : weight;  // (out, in)
-  Tensor dw = want_dw ? (fan_in_fan_out ? at::mm(x.t(), grad) : at::mm(grad.t(), x))
+  Tensor dw = want.dw ? (fan_in_fan_out ? at::mm(x.t(), grad) : at::mm(grad.t(), x))
                       : weight.new_empty({0});
-  Tensor db = want_db ? column_sum(grad) : grad.new_empty({0});
+  Tensor db = want.db ? column_sum(grad) : grad.new_empty({0});
   Tensor dx = grad.new_empty({0});
-  Tensor dA = want_dA ? Tensor() : lora_A.new_empty({0});
-  Tensor dB = want_dB ? Tensor() : lora_B.new_empty({0});
+  Tensor dA = want.dA ? Tensor() : lora_A.new_empty({0});
+  Tensor dB = want.dB ? Tensor() : lora_B.new_empty({0});
 
   const bool lowrank = R > 0 && T > 0 && in > 0 && out > 0;
-  const Wants w{want_dx && lowrank, want_dA && lowrank, want_dB && lowrank};
-  if (want_dA && !lowrank) dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
-  if (want_dB && !lowrank) dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
+  const Wants w{want.dx && lowrank, want.dA && lowrank, want.dB && lowrank};
+  if (want.dA && !lowrank) dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
+  if (want.dB && !lowrank) dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
   if (w.dx) dx = at::empty({T, in}, grad.options());
   if (w.dx || w.dA || w.dB) {
     const Tensor A_l = lora_A.to(lt).contiguous();
@@ -238,7 +217,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_impl(
   // low-rank part when there is one.
   if (w.dx)
     dx.addmm_(grad, w_oi, /*beta=*/1.0, /*alpha=*/1.0);
-  else if (want_dx)
+  else if (want.dx)
     dx = at::mm(grad, w_oi).contiguous();
   return {dx, dw, db, dA, dB};
 }

@@ -23,16 +23,10 @@ constexpr const char* kOp = "merge_";
 
 void merge_impl(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double scaling,
                 bool fan_in_fan_out, int64_t num_groups, at::IntArrayRef groups) {
-  check_cpu(kOp, "weight", weight);
-  check_dim(kOp, "weight", weight, 2);
-  check_floating(kOp, "weight", weight);
-  check_cpu(kOp, "lora_A", lora_A);
-  check_cpu(kOp, "lora_B", lora_B);
-  check_floating(kOp, "lora_A", lora_A);
-  check_same_dtype(kOp, "lora_B", lora_B, "lora_A", lora_A);
-  const int64_t out = fan_in_fan_out ? weight.size(1) : weight.size(0);
-  const int64_t in = fan_in_fan_out ? weight.size(0) : weight.size(1);
-  const GroupLayout L = make_layout(kOp, out, num_groups, groups, lora_A, lora_B, in);
+  const LinearShapes d = check_merge<DeviceChecks>(kOp, weight, lora_A, lora_B, fan_in_fan_out,
+                                                   num_groups, groups);
+  const int64_t in = d.in;
+  const GroupLayout& L = d.L;
   const int64_t ng = L.enabled(), r = L.r;
   if (ng == 0 || weight.numel() == 0) return;
 

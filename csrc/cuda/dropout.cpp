@@ -18,7 +18,7 @@ namespace {
 constexpr const char* kOp = "dropout";
 
 Tensor dropout_impl(const Tensor& x, const Tensor& seed, double p) {
-  TORCH_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor, got device ", x.device());
+  check_is_cuda(kOp, "x", x);
   check_floating(kOp, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const MaskArgs mask = make_mask(kOp, seed, p, x);

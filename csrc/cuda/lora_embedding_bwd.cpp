@@ -31,39 +31,26 @@ std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd_impl(
     const Tensor& grad, const Tensor& indices, const Tensor& weight, const Tensor& lora_A,
     const Tensor& lora_B, const Tensor& s, double scaling, int64_t padding_idx,
     c10::List<bool> output_mask) {
-  TORCH_CHECK(output_mask.size() == 3, kOp,
-              ": output_mask must have 3 flags (dweight, dA, dB), got ", output_mask.size());
-  const bool want_dw = output_mask[0], want_dA = output_mask[1], want_dB = output_mask[2];
-  check_embedding_operands(kOp, indices, weight, lora_A, lora_B);
+  const EmbeddingBwdWants want = embedding_bwd_wants(kOp, output_mask);
+  check_embedding_operands<DeviceChecks>(kOp, indices, weight, lora_A, lora_B);
+  check_embedding_bwd<DeviceChecks>(kOp, want, grad, indices, weight, lora_A, s, padding_idx);
   const int64_t T = indices.size(0), num = weight.size(0), dim = weight.size(1),
                 r = lora_A.size(0);
-  check_cuda(kOp, "grad", grad, "weight", weight);
-  check_same_dtype(kOp, "grad", grad, "weight", weight);
-  check_shape(kOp, "grad", grad, {T, dim}, "[tokens, embedding_dim]");
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < num, kOp,
-              ": padding_idx must be -1 (none) or in [0, num_embeddings=", num, "), got ",
-              padding_idx);
   const auto lt = lowrank_dtype(weight.scalar_type());
-  if (want_dB) {
-    check_cuda(kOp, "s", s, "weight", weight);
-    TORCH_CHECK(s.scalar_type() == lt, kOp, ": s must have dtype ", lt, ", got ",
-                s.scalar_type());
-    check_shape(kOp, "s", s, {T, r}, "[tokens, r], from lora_embedding_fwd");
-  }
   const c10::cuda::CUDAGuard guard(weight.device());
 
-  Tensor dw = want_dw ? at::embedding_dense_backward(grad, indices, num, padding_idx, false)
+  Tensor dw = want.dw ? at::embedding_dense_backward(grad, indices, num, padding_idx, false)
                       : weight.new_empty({0});
   Tensor dA = lora_A.new_empty({0});
   Tensor dB = lora_B.new_empty({0});
-  if (!want_dA && !want_dB) return {dw, dA, dB};
+  if (!want.dA && !want.dB) return {dw, dA, dB};
   if (T == 0 || r == 0 || dim == 0) {
-    if (want_dA) dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
-    if (want_dB) dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
+    if (want.dA) dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
+    if (want.dB) dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
     return {dw, dA, dB};
   }
   const Tensor B_l = lora_B.to(lt).contiguous();  // (dim, r)
-  const Tensor s_c = want_dB ? s.contiguous() : s;
+  const Tensor s_c = want.dB ? s.contiguous() : s;
   check_contiguous(kOp, "lora_B (low-rank dtype)", B_l);
   const Tensor gr = rows_layout(grad);
   Tensor dS;
@@ -74,27 +61,27 @@ std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd_impl(
     a.ldg = row_stride(gr);
     a.g_vec = rows_aligned(a.g, a.ldg, grads_tile<acc_t>() * grads_tile<acc_t>() / kGradsThreads);
     a.Bm = B_l.data_ptr<acc_t>();
-    a.S = want_dB ? s_c.data_ptr<acc_t>() : nullptr;
+    a.S = want.dB ? s_c.data_ptr<acc_t>() : nullptr;
     a.T = T;
     a.N = dim;
     a.R = r;
     plan_rank_r_grads(T, dim, r, grads_tile<acc_t>(), target_blocks(2), &a.chunks, &a.chunk_cols,
                       &a.slots);
-    Tensor ds_parts = want_dA ? parts_buffer<acc_t>(grad, a.chunks, T, r) : Tensor();
-    Tensor db_parts = want_dB ? parts_buffer<acc_t>(grad, a.slots, dim, r) : Tensor();
-    a.ds_parts = want_dA ? ds_parts.data_ptr<acc_t>() : nullptr;
-    a.db_parts = want_dB ? db_parts.data_ptr<acc_t>() : nullptr;
+    Tensor ds_parts = want.dA ? parts_buffer<acc_t>(grad, a.chunks, T, r) : Tensor();
+    Tensor db_parts = want.dB ? parts_buffer<acc_t>(grad, a.slots, dim, r) : Tensor();
+    a.ds_parts = want.dA ? ds_parts.data_ptr<acc_t>() : nullptr;
+    a.db_parts = want.dB ? db_parts.data_ptr<acc_t>() : nullptr;
     launch_rank_r_grads<scalar_t>(a, current_stream());
-    if (want_dA) {
+    if (want.dA) {
       dS = at::empty({T, r}, B_l.options());
       sum_parts_into<acc_t, acc_t>(ds_parts, scaling, dS);
     }
-    if (want_dB) {
+    if (want.dB) {
       dB = at::empty({dim, r}, lora_B.options());
       sum_parts_into<acc_t, scalar_t>(db_parts, scaling, dB);
     }
   });
-  if (want_dA) {
+  if (want.dA) {
     // dA[k, idx[t]] += dS[t, k] over the tokens (padding_idx skipped).
     const Tensor dA_t = at::embedding_dense_backward(dS, indices, num, padding_idx, false);
     dA = dA_t.t().to(lora_A.scalar_type()).contiguous();

@@ -22,7 +22,7 @@ constexpr const char* kOp = "lora_embedding_fwd";
 std::tuple<Tensor, Tensor> lora_embedding_fwd_impl(const Tensor& indices, const Tensor& weight,
                                                    const Tensor& lora_A, const Tensor& lora_B,
                                                    double scaling) {
-  check_embedding_operands(kOp, indices, weight, lora_A, lora_B);
+  check_embedding_operands<DeviceChecks>(kOp, indices, weight, lora_A, lora_B);
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto lt = lowrank_dtype(weight.scalar_type());
   const int64_t T = indices.size(0), num = weight.size(0), dim = weight.size(1),

@@ -42,22 +42,11 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
                                                 const Tensor& seed, double scaling,
                                                 double dropout_p, bool fan_in_fan_out,
                                                 int64_t num_groups, at::IntArrayRef groups) {
-  check_linear_operands(kOp, "x", x, weight, lora_A, lora_B);
-  const int64_t T = x.size(0);
-  const int64_t in = x.size(1);
-  const int64_t w_in = fan_in_fan_out ? weight.size(0) : weight.size(1);
-  const int64_t out = fan_in_fan_out ? weight.size(1) : weight.size(0);
-  TORCH_CHECK(w_in == in, kOp, ": weight must have shape ",
-              fan_in_fan_out ? "[in_features, out_features]" : "[out_features, in_features]",
-              " with in_features = ", in, " (x is ", shape_str(x), ", fan_in_fan_out=",
-              fan_in_fan_out, "), got ", shape_str(weight));
+  const LinearShapes d = check_linear_fwd<DeviceChecks>(kOp, x, weight, bias, lora_A, lora_B,
+                                                        fan_in_fan_out, num_groups, groups);
+  const int64_t T = d.T, in = d.in, out = d.out;
+  const GroupLayout& L = d.L;
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_cuda(kOp, "bias", *bias, "x", x);
-    check_same_dtype(kOp, "bias", *bias, "x", x);
-    check_shape(kOp, "bias", *bias, {out}, "[out_features]");
-  }
-  const GroupLayout L = make_layout(kOp, out, num_groups, groups, lora_A, lora_B, in);
   const c10::cuda::CUDAGuard guard(x.device());
   const MaskArgs mask = make_mask(kOp, seed, dropout_p, x);
 

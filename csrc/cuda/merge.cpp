@@ -64,17 +64,9 @@ void merge_kernel_call(const Tensor& weight, const Tensor& A_c, const Tensor& B_
 
 void merge_impl(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double scaling,
                 bool fan_in_fan_out, int64_t num_groups, at::IntArrayRef groups) {
-  TORCH_CHECK(weight.is_cuda(), kOp, ": weight must be a CUDA tensor, got device ",
-              weight.device());
-  check_dim(kOp, "weight", weight, 2);
-  check_floating(kOp, "weight", weight);
-  check_cuda(kOp, "lora_A", lora_A, "weight", weight);
-  check_cuda(kOp, "lora_B", lora_B, "weight", weight);
-  check_floating(kOp, "lora_A", lora_A);
-  check_same_dtype(kOp, "lora_B", lora_B, "lora_A", lora_A);
-  const int64_t out = fan_in_fan_out ? weight.size(1) : weight.size(0);
-  const int64_t in = fan_in_fan_out ? weight.size(0) : weight.size(1);
-  const GroupLayout L = make_layout(kOp, out, num_groups, groups, lora_A, lora_B, in);
+  const GroupLayout L = check_merge<DeviceChecks>(kOp, weight, lora_A, lora_B, fan_in_fan_out,
+                                                  num_groups, groups)
+                            .L;
   if (L.enabled() == 0 || weight.numel() == 0) return;
   at::assert_no_internal_overlap(weight);  // each element is written by one thread
   const c10::cuda::CUDAGuard guard(weight.device());
