@@ -1,11 +1,11 @@
-// The lora_kernels_cuda operator schemas (one per op; each op's CUDA kernel
-// is registered in its own file with TORCH_LIBRARY_IMPL) and the empty
-// Python module `lora_kernels._C_cuda`, whose import loads this library and
-// so runs the registrations. As lora_kernels._C: no pybind11, built against
-// the limited Python API (abi3). The schemas are lora_kernels_cpu's (the op
-// contract in lora_kernels/ops.py); lora_kernels/backends/cuda.py calls them
-// as torch.ops.lora_kernels_cuda.*, so the user-facing lora_kernels ops keep
-// choosing their backend in Python.
+// The lora_kernels_cuda operator schemas (../op_schemas.h, one per op; each
+// op's CUDA kernel is registered in its own file with TORCH_LIBRARY_IMPL)
+// and the empty Python module `lora_kernels._C_cuda`, whose import loads this
+// library and so runs the registrations. As lora_kernels._C: no pybind11,
+// built against the limited Python API (abi3). The schemas are
+// lora_kernels_cpu's (the op contract in lora_kernels/ops.py);
+// lora_kernels/backends/cuda.py calls them as torch.ops.lora_kernels_cuda.*,
+// so the user-facing lora_kernels ops keep choosing their backend in Python.
 //
 // Module attributes: `arch_list`, the TORCH_CUDA_ARCH_LIST this was built
 // for (setup.py passes it as LK_CUDA_ARCH_LIST, comma-separated), and
@@ -13,6 +13,8 @@
 #include <Python.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
+
+#include "../op_schemas.h"
 
 #define LK_STRINGIFY2(...) #__VA_ARGS__
 #define LK_STRINGIFY(...) LK_STRINGIFY2(__VA_ARGS__)
@@ -46,24 +48,5 @@ PyMODINIT_FUNC PyInit__C_cuda(void) {
 }
 
 TORCH_LIBRARY(lora_kernels_cuda, m) {
-  m.def(
-      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-      "Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, int num_groups, "
-      "int[] groups) -> (Tensor, Tensor)");
-  m.def(
-      "lora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "Tensor s, Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, "
-      "int num_groups, int[] groups, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
-  m.def(
-      "lora_embedding_fwd(Tensor indices, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "float scaling) -> (Tensor, Tensor)");
-  m.def(
-      "lora_embedding_bwd(Tensor grad, Tensor indices, Tensor weight, Tensor lora_A, "
-      "Tensor lora_B, Tensor s, float scaling, int padding_idx, bool[] output_mask) -> "
-      "(Tensor, Tensor, Tensor)");
-  m.def(
-      "merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, "
-      "bool fan_in_fan_out, int num_groups, int[] groups) -> ()");
-  m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
+  lora_kernels::define_ops(m);
 }
