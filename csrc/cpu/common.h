@@ -25,19 +25,6 @@ namespace cpu {
 
 using at::Tensor;
 
-// The kernels are registered for the CPU dispatch key only, so they are
-// entered with autograd still on and with inputs that may require grad. Each
-// op is a thin wrapper that opens AutoDispatchBelowAutograd (nested ATen
-// calls on this thread skip autograd, as in ATen's own kernels) and passes
-// detached aliases of its tensors to the implementation: at::parallel_for's
-// worker threads do not inherit the dispatch guard, and plain tensors keep
-// nested out= / in-place calls legal there too. Aliases share storage and
-// version counter, so merge_ still updates the caller's weight in place.
-inline Tensor plain(const Tensor& t) { return t.defined() ? t.detach() : t; }
-inline std::optional<Tensor> plain(const std::optional<Tensor>& t) {
-  return (t.has_value() && t->defined()) ? std::optional<Tensor>(t->detach()) : std::nullopt;
-}
-
 // Rows of x handled per step of the fused loops. Fixed (never derived from
 // the thread count), so every result is bitwise the same for any number of
 // threads.

@@ -8,6 +8,7 @@
 // per-thread buffer.
 #include <torch/library.h>
 
+#include "../below_autograd.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -71,11 +72,6 @@ Tensor dropout_impl(const Tensor& x, const Tensor& seed, double p) {
   return out;
 }
 
-Tensor dropout(const Tensor& x, const Tensor& seed, double p) {
-  const at::AutoDispatchBelowAutograd below_autograd;
-  return dropout_impl(plain(x), plain(seed), p);
-}
-
 // Test hook: the Philox words of counters n0 .. n0+count-1 (4 per counter,
 // as int64 values in [0, 2^32)) from the chosen implementation
 // (isa: 0 best available, 1 scalar, 2 AVX2), to check them against
@@ -95,7 +91,7 @@ Tensor philox_words(int64_t seed, int64_t n0, int64_t count, int64_t isa) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) {
-  m.impl("dropout", &dropout);
+  m.impl("dropout", below_autograd<&dropout_impl>);
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels_cpu, CompositeImplicitAutograd, m) {

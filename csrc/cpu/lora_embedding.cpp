@@ -18,6 +18,7 @@
 
 #include <torch/library.h>
 
+#include "../below_autograd.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -203,30 +204,11 @@ std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd_impl(
   return {dw, dA, dB};
 }
 
-std::tuple<Tensor, Tensor> lora_embedding_fwd(const Tensor& indices, const Tensor& weight,
-                                              const Tensor& lora_A, const Tensor& lora_B,
-                                              double scaling) {
-  const at::AutoDispatchBelowAutograd below_autograd;
-  return lora_embedding_fwd_impl(plain(indices), plain(weight), plain(lora_A), plain(lora_B),
-                                 scaling);
-}
-
-std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd(const Tensor& grad, const Tensor& indices,
-                                                      const Tensor& weight, const Tensor& lora_A,
-                                                      const Tensor& lora_B, const Tensor& s,
-                                                      double scaling, int64_t padding_idx,
-                                                      c10::List<bool> output_mask) {
-  const at::AutoDispatchBelowAutograd below_autograd;
-  return lora_embedding_bwd_impl(plain(grad), plain(indices), plain(weight), plain(lora_A),
-                                 plain(lora_B), plain(s), scaling, padding_idx,
-                                 std::move(output_mask));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) {
-  m.impl("lora_embedding_fwd", &lora_embedding_fwd);
-  m.impl("lora_embedding_bwd", &lora_embedding_bwd);
+  m.impl("lora_embedding_fwd", below_autograd<&lora_embedding_fwd_impl>);
+  m.impl("lora_embedding_bwd", below_autograd<&lora_embedding_bwd_impl>);
 }
 
 }  // namespace cpu

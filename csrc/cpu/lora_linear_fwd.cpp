@@ -30,6 +30,7 @@
 //     before the frozen GEMM accumulates into it.
 #include <torch/library.h>
 
+#include "../below_autograd.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -157,22 +158,10 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
   return {y, s};
 }
 
-std::tuple<Tensor, Tensor> lora_linear_fwd(const Tensor& x, const Tensor& weight,
-                                           const std::optional<Tensor>& bias,
-                                           const Tensor& lora_A, const Tensor& lora_B,
-                                           const Tensor& seed, double scaling, double dropout_p,
-                                           bool fan_in_fan_out, int64_t num_groups,
-                                           at::IntArrayRef groups) {
-  const at::AutoDispatchBelowAutograd below_autograd;
-  return lora_linear_fwd_impl(plain(x), plain(weight), plain(bias), plain(lora_A), plain(lora_B),
-                              plain(seed), scaling, dropout_p, fan_in_fan_out, num_groups,
-                              groups);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) {
-  m.impl("lora_linear_fwd", &lora_linear_fwd);
+  m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>);
 }
 
 }  // namespace cpu

@@ -6,7 +6,6 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
-#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowAutograd
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -18,7 +17,6 @@
 
 #include <array>
 #include <atomic>
-#include <optional>
 
 #include "../op_checks.h"
 #include "kernels/launch.h"
@@ -27,16 +25,6 @@ namespace lora_kernels {
 namespace cuda {
 
 using at::Tensor;
-
-// The kernels are registered for the CUDA dispatch key only, so they are
-// entered with autograd still on: each op opens AutoDispatchBelowAutograd
-// (nested ATen calls skip autograd, as in ATen's own kernels) and works on
-// detached aliases of its tensors (same storage and version counter, so
-// merge_ still updates the caller's weight in place).
-inline Tensor plain(const Tensor& t) { return t.defined() ? t.detach() : t; }
-inline std::optional<Tensor> plain(const std::optional<Tensor>& t) {
-  return (t.has_value() && t->defined()) ? std::optional<Tensor>(t->detach()) : std::nullopt;
-}
 
 // The CUDA side of the shared device checks (op_checks.h): the op's first
 // tensor is a CUDA tensor, and the others are on its device.

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "../below_autograd.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -44,15 +45,10 @@ Tensor dropout_impl(const Tensor& x, const Tensor& seed, double p) {
   return out;
 }
 
-Tensor dropout(const Tensor& x, const Tensor& seed, double p) {
-  const at::AutoDispatchBelowAutograd below_autograd;
-  return dropout_impl(plain(x), plain(seed), p);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
-  m.impl("dropout", &dropout);
+  m.impl("dropout", below_autograd<&dropout_impl>);
 }
 
 }  // namespace cuda

@@ -19,6 +19,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include "../below_autograd.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -89,21 +90,10 @@ std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd_impl(
   return {dw, dA, dB};
 }
 
-std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd(const Tensor& grad, const Tensor& indices,
-                                                      const Tensor& weight, const Tensor& lora_A,
-                                                      const Tensor& lora_B, const Tensor& s,
-                                                      double scaling, int64_t padding_idx,
-                                                      c10::List<bool> output_mask) {
-  const at::AutoDispatchBelowAutograd below_autograd;
-  return lora_embedding_bwd_impl(plain(grad), plain(indices), plain(weight), plain(lora_A),
-                                 plain(lora_B), plain(s), scaling, padding_idx,
-                                 std::move(output_mask));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
-  m.impl("lora_embedding_bwd", &lora_embedding_bwd);
+  m.impl("lora_embedding_bwd", below_autograd<&lora_embedding_bwd_impl>);
 }
 
 }  // namespace cuda

@@ -11,6 +11,7 @@
 #include <ATen/ops/index_select.h>
 #include <torch/library.h>
 
+#include "../below_autograd.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -62,18 +63,10 @@ std::tuple<Tensor, Tensor> lora_embedding_fwd_impl(const Tensor& indices, const 
   return {y, s};
 }
 
-std::tuple<Tensor, Tensor> lora_embedding_fwd(const Tensor& indices, const Tensor& weight,
-                                              const Tensor& lora_A, const Tensor& lora_B,
-                                              double scaling) {
-  const at::AutoDispatchBelowAutograd below_autograd;
-  return lora_embedding_fwd_impl(plain(indices), plain(weight), plain(lora_A), plain(lora_B),
-                                 scaling);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
-  m.impl("lora_embedding_fwd", &lora_embedding_fwd);
+  m.impl("lora_embedding_fwd", below_autograd<&lora_embedding_fwd_impl>);
 }
 
 }  // namespace cuda

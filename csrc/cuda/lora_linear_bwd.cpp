@@ -29,6 +29,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include "../below_autograd.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -167,21 +168,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_impl(
   return {dx, dw, db, dA, dB};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd(
-    const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
-    const Tensor& lora_B, const Tensor& s, const Tensor& seed, double scaling, double dropout_p,
-    bool fan_in_fan_out, int64_t num_groups, at::IntArrayRef groups,
-    c10::List<bool> output_mask) {
-  const at::AutoDispatchBelowAutograd below_autograd;
-  return lora_linear_bwd_impl(plain(grad), plain(x), plain(weight), plain(lora_A), plain(lora_B),
-                              plain(s), plain(seed), scaling, dropout_p, fan_in_fan_out,
-                              num_groups, groups, std::move(output_mask));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
-  m.impl("lora_linear_bwd", &lora_linear_bwd);
+  m.impl("lora_linear_bwd", below_autograd<&lora_linear_bwd_impl>);
 }
 
 }  // namespace cuda

@@ -12,6 +12,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include "../below_autograd.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -85,17 +86,10 @@ void merge_impl(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B
   });
 }
 
-void merge_(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double scaling,
-            bool fan_in_fan_out, int64_t num_groups, at::IntArrayRef groups) {
-  const at::AutoDispatchBelowAutograd below_autograd;
-  merge_impl(plain(weight), plain(lora_A), plain(lora_B), scaling, fan_in_fan_out, num_groups,
-             groups);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
-  m.impl("merge_", &merge_);
+  m.impl("merge_", below_autograd<&merge_impl>);
 }
 
 }  // namespace cuda

@@ -1,0 +1,50 @@
+// The function each op registers, CPU and CUDA alike: below_autograd<&impl>.
+//
+// The kernels are registered for one backend dispatch key (CPU or CUDA)
+// only, so they are entered with autograd still on and with inputs that may
+// require grad. below_autograd<&impl> opens AutoDispatchBelowAutograd (nested
+// ATen calls on this thread skip autograd, as in ATen's own kernels) and
+// passes `impl` detached aliases of its tensors: at::parallel_for's worker
+// threads (CPU) do not inherit the dispatch guard, and plain tensors keep
+// nested out= / in-place calls legal there too. Aliases share storage and
+// version counter, so merge_ still updates the caller's weight in place.
+// It has impl's signature, from which the dispatcher checks the schema.
+#pragma once
+
+#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowAutograd
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <type_traits>
+
+namespace lora_kernels {
+
+// An op argument as impl gets it: a detached alias of a tensor, anything
+// else as it is.
+template <typename T>
+auto plain(const T& v) {
+  if constexpr (std::is_same_v<T, at::Tensor>) {
+    return v.defined() ? v.detach() : v;
+  } else if constexpr (std::is_same_v<T, std::optional<at::Tensor>>) {
+    return (v.has_value() && v->defined()) ? std::optional<at::Tensor>(v->detach())
+                                           : std::nullopt;
+  } else {
+    return v;
+  }
+}
+
+template <auto Impl>
+struct BelowAutograd;
+
+template <typename R, typename... Args, R (*Impl)(Args...)>
+struct BelowAutograd<Impl> {
+  static R call(Args... args) {
+    const at::AutoDispatchBelowAutograd below_autograd;
+    return Impl(plain(args)...);
+  }
+};
+
+template <auto Impl>
+constexpr auto below_autograd = &BelowAutograd<Impl>::call;
+
+}  // namespace lora_kernels
