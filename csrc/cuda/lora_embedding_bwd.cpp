@@ -16,10 +16,10 @@
 //   * dweight, when asked for, is ATen's dense embedding backward of g (a
 //     num × dim tensor).
 #include <ATen/ops/embedding_dense_backward.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include "../below_autograd.h"
+#include "../frozen_grads.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -40,16 +40,11 @@ std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd_impl(
   const auto lt = lowrank_dtype(weight.scalar_type());
   const c10::cuda::CUDAGuard guard(weight.device());
 
-  Tensor dw = want.dw ? at::embedding_dense_backward(grad, indices, num, padding_idx, false)
-                      : weight.new_empty({0});
+  const Tensor dw = embedding_dweight(want.dw, grad, indices, weight, padding_idx);
+  if ((!want.dA && !want.dB) || T == 0 || r == 0 || dim == 0)
+    return {dw, zero_grad_or_empty(want.dA, lora_A), zero_grad_or_empty(want.dB, lora_B)};
   Tensor dA = lora_A.new_empty({0});
   Tensor dB = lora_B.new_empty({0});
-  if (!want.dA && !want.dB) return {dw, dA, dB};
-  if (T == 0 || r == 0 || dim == 0) {
-    if (want.dA) dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
-    if (want.dB) dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
-    return {dw, dA, dB};
-  }
   const Tensor B_l = lora_B.to(lt).contiguous();  // (dim, r)
   const Tensor s_c = want.dB ? s.contiguous() : s;
   check_contiguous(kOp, "lora_B (low-rank dtype)", B_l);

@@ -24,12 +24,11 @@
 //     ATen (addmm_ with beta = 1). dW = gᵀ·x is one cuBLAS GEMM, dbias an
 //     ATen column sum, each only when asked for.
 //   * Only what output_mask asks for is computed; the others are empty.
-#include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include "../below_autograd.h"
+#include "../frozen_grads.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -133,18 +132,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_impl(
   const bool lora_needs_mask = (want.dx || want.dA) && R > 0 && T > 0 && in > 0;
   const MaskArgs mask = lora_needs_mask ? make_mask(kOp, seed, dropout_p, grad) : MaskArgs{};
 
-  const Tensor w_oi = fan_in_fan_out ? weight.t() : weight;  // (out, in)
-  Tensor dw = want.dw ? (fan_in_fan_out ? at::mm(x.t(), grad) : at::mm(grad.t(), x))
-                      : weight.new_empty({0});
-  Tensor db = want.db ? at::sum(grad, {0}) : grad.new_empty({0});
-  Tensor dx = grad.new_empty({0});
-  Tensor dA = want.dA ? Tensor() : lora_A.new_empty({0});
-  Tensor dB = want.dB ? Tensor() : lora_B.new_empty({0});
-
   const bool lowrank = R > 0 && T > 0 && in > 0 && out > 0;
   const Wants w{want.dx && lowrank, want.dA && lowrank, want.dB && lowrank};
-  if (want.dA && !lowrank) dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
-  if (want.dB && !lowrank) dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
+  Tensor dw = linear_dweight(want.dw, grad, x, weight, fan_in_fan_out);
+  Tensor db = want.db ? at::sum(grad, {0}) : grad.new_empty({0});
+  Tensor dx = grad.new_empty({0});
+  Tensor dA = w.dA ? Tensor() : zero_grad_or_empty(want.dA, lora_A);
+  Tensor dB = w.dB ? Tensor() : zero_grad_or_empty(want.dB, lora_B);
   if (w.dx || w.dA || w.dB) {
     const Tensor A_l = lora_A.to(lt).contiguous();  // (R, in)
     const Tensor B_l = b_full(lora_B, L, lt);       // (out, R)
@@ -159,12 +153,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_impl(
     if (w.dA) dA = dA_acc.to(lora_A.scalar_type()).contiguous();
     if (w.dB) dB = dB_acc.to(lora_B.scalar_type()).contiguous();
   }
-  // The frozen part of dx: one cuBLAS GEMM, accumulating into the low-rank
-  // part when there is one.
-  if (w.dx)
-    dx.addmm_(grad, w_oi, /*beta=*/1.0, /*alpha=*/1.0);
-  else if (want.dx)
-    dx = at::mm(grad, w_oi).contiguous();
+  add_frozen_dx(dx, w.dx, want.dx, grad, weight, fan_in_fan_out);
   return {dx, dw, db, dA, dB};
 }
 
