@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include "../below_autograd.h"
+#include "../frozen_layer.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -137,16 +138,11 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
   const bool has_bias = bias.has_value() && bias->defined();
   const MaskParams mask = make_mask_params(kOp, seed, dropout_p);
 
-  const Tensor w_t = fan_in_fan_out ? weight : weight.t();  // (in, out)
-  const auto lt = lowrank_dtype(x.scalar_type());
   const int64_t R = lora_A.size(0);
+  if (T == 0 || R == 0 || in == 0)
+    return linear_fwd_without_lowrank(x, weight, bias, R, fan_in_fan_out);
+  const auto lt = lowrank_dtype(x.scalar_type());
   Tensor s = at::empty({T, R}, x.options().dtype(lt));
-  if (T == 0 || R == 0 || in == 0) {
-    // No low-rank work: the plain layer (and s = 0 when in == 0).
-    if (in == 0) s.zero_();
-    Tensor y = has_bias ? at::addmm(*bias, x, w_t) : at::mm(x, w_t);
-    return {y.contiguous(), s};
-  }
   const Tensor A_l = lora_A.to(lt).contiguous();
   const Tensor B_l = lora_B.to(lt).contiguous();
   Tensor y = at::empty({T, out}, x.options());
@@ -154,7 +150,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
     lowrank_forward<scalar_t>(x, has_bias ? *bias : Tensor(), y, s, A_l, B_l, L, scaling, mask);
   });
   // Phase 2: the frozen GEMM accumulates into y (multithreaded BLAS).
-  y.addmm_(x, w_t, /*beta=*/1.0, /*alpha=*/1.0);
+  add_frozen_linear(y, x, weight, fan_in_fan_out);
   return {y, s};
 }
 

@@ -28,7 +28,7 @@
 #include <torch/library.h>
 
 #include "../below_autograd.h"
-#include "../frozen_grads.h"
+#include "../frozen_layer.h"
 #include "common.h"
 
 namespace lora_kernels {

@@ -24,11 +24,10 @@
 //   * Inputs are read in place when their rows have unit stride (any row
 //     stride); other layouts are copied once. A and B are converted to the
 //     accumulation dtype once (R × in, out × R).
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "../below_autograd.h"
+#include "../frozen_layer.h"
 #include "common.h"
 
 namespace lora_kernels {
@@ -51,16 +50,11 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
   const c10::cuda::CUDAGuard guard(x.device());
   const MaskArgs mask = make_mask(kOp, seed, dropout_p, x);
 
-  const Tensor w_t = fan_in_fan_out ? weight : weight.t();  // (in, out)
-  const auto lt = lowrank_dtype(x.scalar_type());
   const int64_t R = lora_A.size(0);
+  if (T == 0 || R == 0 || in == 0)
+    return linear_fwd_without_lowrank(x, weight, bias, R, fan_in_fan_out);
+  const auto lt = lowrank_dtype(x.scalar_type());
   Tensor s = at::empty({T, R}, x.options().dtype(lt));
-  if (T == 0 || R == 0 || in == 0) {
-    // No low-rank work: the plain layer (and s = 0 when in == 0).
-    if (in == 0) s.zero_();
-    Tensor y = has_bias ? at::addmm(*bias, x, w_t) : at::mm(x, w_t);
-    return {y.contiguous(), s};
-  }
   const Tensor xr = rows_layout(x);
   const Tensor A_l = lora_A.to(lt).contiguous();              // (R, in)
   const Tensor B_l = b_full(lora_B, L, lt);                   // (out, R)
@@ -107,7 +101,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
     launch_rank_update<scalar_t, acc_t>(up, stream);
   });
   // y += x·Wᵀ: cuBLAS, accumulating into y (beta = 1).
-  y.addmm_(x, w_t, /*beta=*/1.0, /*alpha=*/1.0);
+  add_frozen_linear(y, x, weight, fan_in_fan_out);
   return {y, s};
 }
 

@@ -1,16 +1,46 @@
-// The backward ops' outputs that plain ATen computes alike on both backends:
-// the frozen layer's gradients (dweight, the g·W part of dx) and the LoRA
-// gradients of a call with no low-rank work. ATen only (no CUDA headers).
+// The frozen layer's share of the linear and embedding ops, plain ATen and
+// the same on both backends: the frozen GEMM of the forward, the frozen
+// layer's gradients (dweight, the g·W part of dx), and the outputs of a call
+// with no low-rank work. ATen only (no CUDA headers).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/embedding_dense_backward.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
 #include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "op_checks.h"
 
 namespace lora_kernels {
+
+// lora_linear_fwd of a call with no low-rank work (no tokens, rank 0 or no
+// in features): the plain layer y = x·Wᵀ + bias, and s = 0 (tokens × R, in
+// the low-rank dtype).
+inline std::tuple<at::Tensor, at::Tensor> linear_fwd_without_lowrank(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    int64_t R, bool fan_in_fan_out) {
+  const at::Tensor w_t = fan_in_fan_out ? weight : weight.t();  // (in, out)
+  const at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, w_t)
+                                                             : at::mm(x, w_t);
+  return {y.contiguous(),
+          at::zeros({x.size(0), R}, x.options().dtype(lowrank_dtype(x.scalar_type())))};
+}
+
+// The frozen GEMM of lora_linear_fwd, y += x·Wᵀ: one GEMM (BLAS or cuBLAS)
+// that accumulates into y (beta = 1), which holds bias + the low-rank update.
+// It is the same work as the plain layer's addmm(bias, x, Wᵀ), so the update
+// costs no extra pass over y.
+inline void add_frozen_linear(const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+                              bool fan_in_fan_out) {
+  const at::Tensor w_t = fan_in_fan_out ? weight : weight.t();  // (in, out)
+  y.addmm_(x, w_t, /*beta=*/1.0, /*alpha=*/1.0);
+}
 
 // A LoRA gradient (dA or dB) where there is no low-rank work: zeros of the
 // parameter's shape when asked for, empty otherwise.
