@@ -135,6 +135,14 @@ struct LinearShapes {
   GroupLayout L;
 };
 
+// The in and out features of W: (out, in), or (in, out) with fan_in_fan_out.
+inline LinearShapes weight_features(const Tensor& weight, bool fan_in_fan_out) {
+  LinearShapes d;
+  d.in = fan_in_fan_out ? weight.size(0) : weight.size(1);
+  d.out = fan_in_fan_out ? weight.size(1) : weight.size(0);
+  return d;
+}
+
 // The operands both linear ops check alike: ref (x or grad) and weight are
 // 2-D floating tensors on the backend's device; weight, lora_A and lora_B
 // have ref's dtype and ref's device.
@@ -161,14 +169,11 @@ LinearShapes check_linear_fwd(const char* op, const Tensor& x, const Tensor& wei
                               const Tensor& lora_B, bool fan_in_fan_out, int64_t num_groups,
                               at::IntArrayRef groups) {
   check_linear_operands<DeviceChecks>(op, "x", x, weight, lora_A, lora_B);
-  LinearShapes d;
+  LinearShapes d = weight_features(weight, fan_in_fan_out);
   d.T = x.size(0);
-  d.in = x.size(1);
-  const int64_t w_in = fan_in_fan_out ? weight.size(0) : weight.size(1);
-  d.out = fan_in_fan_out ? weight.size(1) : weight.size(0);
-  TORCH_CHECK(w_in == d.in, op, ": weight must have shape ",
+  TORCH_CHECK(d.in == x.size(1), op, ": weight must have shape ",
               fan_in_fan_out ? "[in_features, out_features]" : "[out_features, in_features]",
-              " with in_features = ", d.in, " (x is ", shape_str(x), ", fan_in_fan_out=",
+              " with in_features = ", x.size(1), " (x is ", shape_str(x), ", fan_in_fan_out=",
               fan_in_fan_out, "), got ", shape_str(weight));
   if (bias.has_value() && bias->defined()) {
     DeviceChecks::same(op, "bias", *bias, "x", x);
@@ -200,13 +205,11 @@ LinearShapes check_linear_bwd(const char* op, const LinearBwdWants& want, const 
                               const Tensor& lora_B, const Tensor& s, double dropout_p,
                               bool fan_in_fan_out, int64_t num_groups, at::IntArrayRef groups) {
   check_linear_operands<DeviceChecks>(op, "grad", grad, weight, lora_A, lora_B);
-  LinearShapes d;
+  LinearShapes d = weight_features(weight, fan_in_fan_out);
   d.T = grad.size(0);
-  d.out = grad.size(1);
-  const int64_t w_out = fan_in_fan_out ? weight.size(1) : weight.size(0);
-  d.in = fan_in_fan_out ? weight.size(0) : weight.size(1);
-  TORCH_CHECK(w_out == d.out, op, ": weight must have ", d.out, " out features (grad is ",
-              shape_str(grad), ", fan_in_fan_out=", fan_in_fan_out, "), got ", shape_str(weight));
+  TORCH_CHECK(d.out == grad.size(1), op, ": weight must have ", grad.size(1),
+              " out features (grad is ", shape_str(grad), ", fan_in_fan_out=", fan_in_fan_out,
+              "), got ", shape_str(weight));
   if (want.dA || want.dw) {
     DeviceChecks::same(op, "x", x, "grad", grad);
     check_same_dtype(op, "x", x, "grad", grad);
@@ -239,9 +242,7 @@ LinearShapes check_merge(const char* op, const Tensor& weight, const Tensor& lor
   DeviceChecks::same(op, "lora_B", lora_B, "weight", weight);
   check_floating(op, "lora_A", lora_A);
   check_same_dtype(op, "lora_B", lora_B, "lora_A", lora_A);
-  LinearShapes d;
-  d.out = fan_in_fan_out ? weight.size(1) : weight.size(0);
-  d.in = fan_in_fan_out ? weight.size(0) : weight.size(1);
+  LinearShapes d = weight_features(weight, fan_in_fan_out);
   d.L = make_layout(op, d.out, num_groups, groups, lora_A, lora_B, d.in);
   return d;
 }
