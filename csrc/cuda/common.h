@@ -152,5 +152,37 @@ inline void sum_parts_into(const Tensor& parts, double alpha, const Tensor& out)
   launch_sum_parts<acc_t, out_t>(a, current_stream());
 }
 
+// From one read of g (T × N, kernels/rank_r_grads.cuh): dS = scaling · g·Bm
+// (T × R, low-rank dtype) into `dS` and dB = scaling · gᵀ·S (N × R, db_t)
+// into `dB`, each only when defined. Bm (N × R) and S (T × R) are
+// contiguous, in the low-rank dtype. Each block writes a dS partial per
+// column chunk and a dB partial per row slot; the partials are summed in a
+// fixed order.
+template <typename scalar_t, typename db_t>
+void rank_r_grads_into(const Tensor& g, const Tensor& Bm, const Tensor& S, double scaling,
+                       const Tensor& dS, const Tensor& dB) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t T = g.size(0), N = g.size(1), R = Bm.size(1);
+  const Tensor gr = rows_layout(g);
+  RankGradsArgs<scalar_t> a;
+  a.g = gr.data_ptr<scalar_t>();
+  a.ldg = row_stride(gr);
+  a.g_vec = rows_aligned(a.g, a.ldg, grads_tile<acc_t>() * grads_tile<acc_t>() / kGradsThreads);
+  a.Bm = Bm.data_ptr<acc_t>();
+  a.S = dB.defined() ? S.data_ptr<acc_t>() : nullptr;
+  a.T = T;
+  a.N = N;
+  a.R = R;
+  plan_rank_r_grads(T, N, R, grads_tile<acc_t>(), target_blocks(2), &a.chunks, &a.chunk_cols,
+                    &a.slots);
+  Tensor ds_parts = dS.defined() ? parts_buffer<acc_t>(g, a.chunks, T, R) : Tensor();
+  Tensor db_parts = dB.defined() ? parts_buffer<acc_t>(g, a.slots, N, R) : Tensor();
+  a.ds_parts = dS.defined() ? ds_parts.data_ptr<acc_t>() : nullptr;
+  a.db_parts = dB.defined() ? db_parts.data_ptr<acc_t>() : nullptr;
+  launch_rank_r_grads<scalar_t>(a, current_stream());
+  if (dS.defined()) sum_parts_into<acc_t, acc_t>(ds_parts, scaling, dS);
+  if (dB.defined()) sum_parts_into<acc_t, db_t>(db_parts, scaling, dB);
+}
+
 }  // namespace cuda
 }  // namespace lora_kernels

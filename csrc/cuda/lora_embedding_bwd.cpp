@@ -43,40 +43,16 @@ std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd_impl(
   const Tensor dw = embedding_dweight(want.dw, grad, indices, weight, padding_idx);
   if ((!want.dA && !want.dB) || T == 0 || r == 0 || dim == 0)
     return {dw, zero_grad_or_empty(want.dA, lora_A), zero_grad_or_empty(want.dB, lora_B)};
-  Tensor dA = lora_A.new_empty({0});
-  Tensor dB = lora_B.new_empty({0});
   const Tensor B_l = lora_B.to(lt).contiguous();  // (dim, r)
   const Tensor s_c = want.dB ? s.contiguous() : s;
   check_contiguous(kOp, "lora_B (low-rank dtype)", B_l);
-  const Tensor gr = rows_layout(grad);
-  Tensor dS;
+  const Tensor dS = want.dA ? at::empty({T, r}, B_l.options()) : Tensor();
+  // dB straight in lora_B's dtype.
+  const Tensor dB = want.dB ? at::empty({dim, r}, lora_B.options()) : lora_B.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), kOp, [&] {
-    using acc_t = acc_type<scalar_t>;
-    RankGradsArgs<scalar_t> a;
-    a.g = gr.data_ptr<scalar_t>();
-    a.ldg = row_stride(gr);
-    a.g_vec = rows_aligned(a.g, a.ldg, grads_tile<acc_t>() * grads_tile<acc_t>() / kGradsThreads);
-    a.Bm = B_l.data_ptr<acc_t>();
-    a.S = want.dB ? s_c.data_ptr<acc_t>() : nullptr;
-    a.T = T;
-    a.N = dim;
-    a.R = r;
-    plan_rank_r_grads(T, dim, r, grads_tile<acc_t>(), target_blocks(2), &a.chunks, &a.chunk_cols,
-                      &a.slots);
-    Tensor ds_parts = want.dA ? parts_buffer<acc_t>(grad, a.chunks, T, r) : Tensor();
-    Tensor db_parts = want.dB ? parts_buffer<acc_t>(grad, a.slots, dim, r) : Tensor();
-    a.ds_parts = want.dA ? ds_parts.data_ptr<acc_t>() : nullptr;
-    a.db_parts = want.dB ? db_parts.data_ptr<acc_t>() : nullptr;
-    launch_rank_r_grads<scalar_t>(a, current_stream());
-    if (want.dA) {
-      dS = at::empty({T, r}, B_l.options());
-      sum_parts_into<acc_t, acc_t>(ds_parts, scaling, dS);
-    }
-    if (want.dB) {
-      dB = at::empty({dim, r}, lora_B.options());
-      sum_parts_into<acc_t, scalar_t>(db_parts, scaling, dB);
-    }
+    rank_r_grads_into<scalar_t, scalar_t>(grad, B_l, s_c, scaling, dS, want.dB ? dB : Tensor());
   });
+  Tensor dA = lora_A.new_empty({0});
   if (want.dA) {
     // dA[k, idx[t]] += dS[t, k] over the tokens (padding_idx skipped).
     const Tensor dA_t = at::embedding_dense_backward(dS, indices, num, padding_idx, false);

@@ -41,15 +41,9 @@ std::tuple<Tensor, Tensor> lora_embedding_fwd_impl(const Tensor& indices, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), kOp, [&] {
     using acc_t = acc_type<scalar_t>;
     RankUpdateArgs<scalar_t, acc_t> up;
-    up.L = s.data_ptr<acc_t>();
-    up.l_st = r;
-    up.l_sk = 1;
-    up.Rm = B_l.data_ptr<acc_t>();
-    up.r_sn = r;
-    up.r_sk = 1;
-    up.out = y.data_ptr<scalar_t>();
-    up.o_st = dim;
-    up.o_sn = 1;
+    up.set_L(s.data_ptr<acc_t>(), r, 1);
+    up.set_Rm(B_l.data_ptr<acc_t>(), r, 1);
+    up.set_out(y.data_ptr<scalar_t>(), dim, 1);
     up.rows = w.data_ptr<scalar_t>();
     up.rows_ld = row_stride(w);
     up.num_rows = num;

@@ -53,27 +53,7 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
   // dS and dB_full from one read of g.
   Tensor dS = (w.dx || w.dA) ? at::empty({T, R}, acc_opts) : Tensor();
   Tensor dB_full = w.dB ? at::empty({out, R}, acc_opts) : Tensor();
-  {
-    const Tensor gr = rows_layout(g);
-    RankGradsArgs<scalar_t> a;
-    a.g = gr.data_ptr<scalar_t>();
-    a.ldg = row_stride(gr);
-    a.g_vec = rows_aligned(a.g, a.ldg, grads_tile<acc_t>() * grads_tile<acc_t>() / kGradsThreads);
-    a.Bm = B_l.data_ptr<acc_t>();
-    a.S = w.dB ? s.data_ptr<acc_t>() : nullptr;
-    a.T = T;
-    a.N = out;
-    a.R = R;
-    plan_rank_r_grads(T, out, R, grads_tile<acc_t>(), target_blocks(2), &a.chunks, &a.chunk_cols,
-                      &a.slots);
-    Tensor ds_parts = dS.defined() ? parts_buffer<acc_t>(g, a.chunks, T, R) : Tensor();
-    Tensor db_parts = w.dB ? parts_buffer<acc_t>(g, a.slots, out, R) : Tensor();
-    a.ds_parts = dS.defined() ? ds_parts.data_ptr<acc_t>() : nullptr;
-    a.db_parts = w.dB ? db_parts.data_ptr<acc_t>() : nullptr;
-    launch_rank_r_grads<scalar_t>(a, stream);
-    if (dS.defined()) sum_parts_into<acc_t, acc_t>(ds_parts, scaling, dS);
-    if (w.dB) sum_parts_into<acc_t, acc_t>(db_parts, scaling, dB_full);
-  }
+  rank_r_grads_into<scalar_t, acc_t>(g, B_l, s, scaling, dS, dB_full);
   if (w.dB) dB = ungroup_b(dB_full, L);
 
   if (w.dA) {  // dA = dSᵀ·(x ⊙ m)
@@ -98,15 +78,9 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
   if (w.dx) {  // dx = m ⊙ (dS·A) · keep_scale; the frozen g·W is added by the caller
     dx = at::empty({T, in}, g.options());
     RankUpdateArgs<scalar_t, acc_t> up;
-    up.L = dS.data_ptr<acc_t>();
-    up.l_st = R;
-    up.l_sk = 1;
-    up.Rm = A_l.data_ptr<acc_t>();  // A (R × in) read as an in × R matrix
-    up.r_sn = 1;
-    up.r_sk = in;
-    up.out = dx.data_ptr<scalar_t>();
-    up.o_st = in;
-    up.o_sn = 1;
+    up.set_L(dS.data_ptr<acc_t>(), R, 1);
+    up.set_Rm(A_l.data_ptr<acc_t>(), 1, in);  // A (R × in) read as an in × R matrix
+    up.set_out(dx.data_ptr<scalar_t>(), in, 1);
     up.T = T;
     up.N = in;
     up.R = R;

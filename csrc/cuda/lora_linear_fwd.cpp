@@ -84,15 +84,9 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
 
     // y = bias + scaling · s·B_fullᵀ
     RankUpdateArgs<scalar_t, acc_t> up;
-    up.L = s.data_ptr<acc_t>();
-    up.l_st = R;
-    up.l_sk = 1;
-    up.Rm = B_l.data_ptr<acc_t>();
-    up.r_sn = R;
-    up.r_sk = 1;
-    up.out = y.data_ptr<scalar_t>();
-    up.o_st = out;
-    up.o_sn = 1;
+    up.set_L(s.data_ptr<acc_t>(), R, 1);
+    up.set_Rm(B_l.data_ptr<acc_t>(), R, 1);
+    up.set_out(y.data_ptr<scalar_t>(), out, 1);
     up.bias = has_bias ? bias_c.data_ptr<scalar_t>() : nullptr;
     up.T = T;
     up.N = out;

@@ -28,35 +28,25 @@ void merge_kernel_call(const Tensor& weight, const Tensor& A_c, const Tensor& B_
   // W as an (out, in) matrix: the strides of its two logical dimensions.
   const int64_t s_out = fan_in_fan_out ? weight.stride(1) : weight.stride(0);
   const int64_t s_in = fan_in_fan_out ? weight.stride(0) : weight.stride(1);
+  scalar_t* const w = weight.data_ptr<scalar_t>();
   RankUpdateArgs<scalar_t, acc_t> up;
-  up.out = weight.data_ptr<scalar_t>();
   up.accumulate = true;
   up.R = R;
   up.alpha = static_cast<acc_t>(scaling);
   if (s_in == 1 || s_out != 1) {
     // Rows of the update are out features, columns in features:
     // W[o, i] += Σ_k B_full[o, k]·A[k, i].
-    up.L = B_c.data_ptr<acc_t>();
-    up.l_st = R;
-    up.l_sk = 1;
-    up.Rm = A_c.data_ptr<acc_t>();  // A (R × in) read as in × R
-    up.r_sn = 1;
-    up.r_sk = in;
-    up.o_st = s_out;
-    up.o_sn = s_in;
+    up.set_L(B_c.data_ptr<acc_t>(), R, 1);
+    up.set_Rm(A_c.data_ptr<acc_t>(), 1, in);  // A (R × in) read as in × R
+    up.set_out(w, s_out, s_in);
     up.T = out;
     up.N = in;
   } else {
     // W's unit stride runs along the out features (e.g. fan_in_fan_out):
     // rows are in features, W[o, i] += Σ_k A[k, i]·B_full[o, k].
-    up.L = A_c.data_ptr<acc_t>();  // A (R × in) read as in × R
-    up.l_st = 1;
-    up.l_sk = in;
-    up.Rm = B_c.data_ptr<acc_t>();
-    up.r_sn = R;
-    up.r_sk = 1;
-    up.o_st = s_in;
-    up.o_sn = s_out;
+    up.set_L(A_c.data_ptr<acc_t>(), 1, in);  // A (R × in) read as in × R
+    up.set_Rm(B_c.data_ptr<acc_t>(), R, 1);
+    up.set_out(w, s_in, s_out);
     up.T = in;
     up.N = out;
   }

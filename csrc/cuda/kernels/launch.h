@@ -143,6 +143,23 @@ struct RankUpdateArgs {
   int64_t T = 0, N = 0, R = 0;
   acc_t alpha = acc_t(1);
   MaskArgs mask;  // on the rank-R term, as a T × N matrix
+
+  // The three matrices, each as a pointer and its two strides (host side).
+  void set_L(const acc_t* p, int64_t st, int64_t sk) {
+    L = p;
+    l_st = st;
+    l_sk = sk;
+  }
+  void set_Rm(const acc_t* p, int64_t sn, int64_t sk) {
+    Rm = p;
+    r_sn = sn;
+    r_sk = sk;
+  }
+  void set_out(scalar_t* p, int64_t st, int64_t sn) {
+    out = p;
+    o_st = st;
+    o_sn = sn;
+  }
 };
 
 template <typename scalar_t, typename acc_t>
