@@ -109,12 +109,8 @@ inline void plan_lowrank_in(int64_t T, int64_t K, int64_t R, int64_t target_bloc
 
 template <typename scalar_t>
 inline LaunchShape lowrank_in_shape(const LowrankInArgs<scalar_t>& a) {
-  LaunchShape s;
-  s.gx = ceil_div(a.T, kInThreads);
-  s.gy = a.splits;
-  s.gz = ceil_div(a.R, rank_block(a.R, kInMaxRanks));
-  s.block = kInThreads;
-  return s;
+  return {ceil_div(a.T, kInThreads), a.splits, ceil_div(a.R, rank_block(a.R, kInMaxRanks)),
+          kInThreads};
 }
 
 // ---------------------------------------------------------------------------
@@ -164,11 +160,7 @@ struct RankUpdateArgs {
 
 template <typename scalar_t, typename acc_t>
 inline LaunchShape rank_update_shape(const RankUpdateArgs<scalar_t, acc_t>& a) {
-  LaunchShape s;
-  s.gx = ceil_div(a.T, kUpdTile);
-  s.gy = ceil_div(a.N, kUpdTile);
-  s.block = kUpdThreads;
-  return s;
+  return {ceil_div(a.T, kUpdTile), ceil_div(a.N, kUpdTile), 1, kUpdThreads};
 }
 
 // ---------------------------------------------------------------------------
@@ -221,12 +213,7 @@ inline void plan_rank_r_grads(int64_t T, int64_t N, int64_t R, int tile, int64_t
 
 template <typename scalar_t>
 inline LaunchShape rank_r_grads_shape(const RankGradsArgs<scalar_t>& a) {
-  LaunchShape s;
-  s.gx = a.chunks;
-  s.gy = a.slots;
-  s.gz = ceil_div(a.R, rank_block(a.R, kGradsMaxRanks));
-  s.block = kGradsThreads;
-  return s;
+  return {a.chunks, a.slots, ceil_div(a.R, rank_block(a.R, kGradsMaxRanks)), kGradsThreads};
 }
 
 // ---------------------------------------------------------------------------
@@ -265,12 +252,8 @@ inline void plan_lowrank_da(int64_t T, int64_t K, int64_t R, int tile, int64_t t
 
 template <typename scalar_t>
 inline LaunchShape lowrank_da_shape(const LowrankDaArgs<scalar_t>& a) {
-  LaunchShape s;
-  s.gx = ceil_div(a.K, da_tile<acc_type<scalar_t>>());
-  s.gy = a.splits;
-  s.gz = ceil_div(a.R, rank_block(a.R, kDaMaxRanks));
-  s.block = kDaThreads;
-  return s;
+  return {ceil_div(a.K, da_tile<acc_type<scalar_t>>()), a.splits,
+          ceil_div(a.R, rank_block(a.R, kDaMaxRanks)), kDaThreads};
 }
 
 // ---------------------------------------------------------------------------
@@ -292,11 +275,8 @@ struct DropoutArgs {
 
 template <typename scalar_t>
 inline LaunchShape dropout_shape(const DropoutArgs<scalar_t>& a) {
-  LaunchShape s;
   const int64_t counters = a.rows * philox::words_per_row(a.cols);
-  s.gx = clamp64(ceil_div(counters, kDropThreads), 1, kDropMaxBlocks);
-  s.block = kDropThreads;
-  return s;
+  return {clamp64(ceil_div(counters, kDropThreads), 1, kDropMaxBlocks), 1, 1, kDropThreads};
 }
 
 // ---------------------------------------------------------------------------
@@ -317,10 +297,7 @@ struct SumPartsArgs {
 
 template <typename acc_t, typename out_t>
 inline LaunchShape sum_parts_shape(const SumPartsArgs<acc_t, out_t>& a) {
-  LaunchShape s;
-  s.gx = clamp64(ceil_div(a.rows * a.cols, kSumThreads), 1, kSumMaxBlocks);
-  s.block = kSumThreads;
-  return s;
+  return {clamp64(ceil_div(a.rows * a.cols, kSumThreads), 1, kSumMaxBlocks), 1, 1, kSumThreads};
 }
 
 // ---------------------------------------------------------------------------

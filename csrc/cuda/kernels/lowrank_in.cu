@@ -1,7 +1,6 @@
 // The launcher of lowrank_in.cuh's kernel (declared in launch.h), instantiated for the
 // dtypes the ops use; each launch is checked.
-#include <c10/cuda/CUDAException.h>
-
+#include "launch_checked.cuh"
 #include "lowrank_in.cuh"
 
 namespace lora_kernels {
@@ -9,9 +8,7 @@ namespace cuda {
 
 template <typename scalar_t>
 void launch_lowrank_in(const LowrankInArgs<scalar_t>& a, Stream stream) {
-  const LaunchShape s = lowrank_in_shape(a);
-  lowrank_in_kernel_for<scalar_t>(a.R)<<<dim3(s.gx, s.gy, s.gz), s.block, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_checked(lowrank_in_kernel_for<scalar_t>(a.R), lowrank_in_shape(a), a, stream);
 }
 
 template void launch_lowrank_in<c10::Half>(const LowrankInArgs<c10::Half>&, Stream);

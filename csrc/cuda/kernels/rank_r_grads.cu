@@ -1,7 +1,6 @@
 // The launcher of rank_r_grads.cuh's kernel (declared in launch.h), instantiated for the
 // dtypes the ops use; each launch is checked.
-#include <c10/cuda/CUDAException.h>
-
+#include "launch_checked.cuh"
 #include "rank_r_grads.cuh"
 
 namespace lora_kernels {
@@ -9,9 +8,7 @@ namespace cuda {
 
 template <typename scalar_t>
 void launch_rank_r_grads(const RankGradsArgs<scalar_t>& a, Stream stream) {
-  const LaunchShape s = rank_r_grads_shape(a);
-  rank_r_grads_kernel_for<scalar_t>(a.R)<<<dim3(s.gx, s.gy, s.gz), s.block, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_checked(rank_r_grads_kernel_for<scalar_t>(a.R), rank_r_grads_shape(a), a, stream);
 }
 
 template void launch_rank_r_grads<c10::Half>(const RankGradsArgs<c10::Half>&, Stream);

@@ -1,7 +1,6 @@
 // The launcher of rank_update.cuh's kernel (declared in launch.h), instantiated for the
 // dtypes the ops use; each launch is checked.
-#include <c10/cuda/CUDAException.h>
-
+#include "launch_checked.cuh"
 #include "rank_update.cuh"
 
 namespace lora_kernels {
@@ -9,9 +8,7 @@ namespace cuda {
 
 template <typename scalar_t, typename acc_t>
 void launch_rank_update(const RankUpdateArgs<scalar_t, acc_t>& a, Stream stream) {
-  const LaunchShape s = rank_update_shape(a);
-  rank_update_kernel<scalar_t, acc_t><<<dim3(s.gx, s.gy, s.gz), s.block, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_checked(&rank_update_kernel<scalar_t, acc_t>, rank_update_shape(a), a, stream);
 }
 
 // (output dtype, accumulation dtype): the ops' own pairs, and for merge_ the

@@ -1,7 +1,6 @@
 // The launcher of sum_parts.cuh's kernel (declared in launch.h), instantiated for the
 // dtypes the ops use; each launch is checked.
-#include <c10/cuda/CUDAException.h>
-
+#include "launch_checked.cuh"
 #include "sum_parts.cuh"
 
 namespace lora_kernels {
@@ -10,9 +9,7 @@ namespace cuda {
 template <typename acc_t, typename out_t>
 void launch_sum_parts(const SumPartsArgs<acc_t, out_t>& a, Stream stream) {
   if (a.rows * a.cols == 0) return;
-  const LaunchShape s = sum_parts_shape(a);
-  sum_parts_kernel<acc_t, out_t><<<dim3(s.gx, s.gy, s.gz), s.block, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_checked(&sum_parts_kernel<acc_t, out_t>, sum_parts_shape(a), a, stream);
 }
 
 // (partials, output): the low-rank dtype, or the parameters' dtype.
