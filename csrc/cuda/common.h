@@ -66,6 +66,19 @@ inline int64_t row_stride(const Tensor& t) {
   return t.size(0) > 1 ? t.stride(0) : t.size(1);
 }
 
+// Points a kernel's row-read operand (its pointer, row stride, and whether
+// groups of `group` elements are 16-byte aligned: rows_aligned) at the rows
+// of t in rows_layout. Returns the tensor read (t, or its copy), to be kept
+// until the launch.
+template <typename scalar_t>
+Tensor bind_rows(const Tensor& t, int64_t group, const scalar_t*& p, int64_t& ld, bool& vec) {
+  Tensor rows = rows_layout(t);
+  p = rows.data_ptr<scalar_t>();
+  ld = row_stride(rows);
+  vec = rows_aligned(p, ld, group);
+  return rows;
+}
+
 // The dropout mask of one call; inactive (threshold 0) when p == 0. The seed
 // is read by the kernels from device memory (no host synchronisation); a
 // CPU seed is read here.
@@ -163,11 +176,9 @@ void rank_r_grads_into(const Tensor& g, const Tensor& Bm, const Tensor& S, doubl
                        const Tensor& dS, const Tensor& dB) {
   using acc_t = acc_type<scalar_t>;
   const int64_t T = g.size(0), N = g.size(1), R = Bm.size(1);
-  const Tensor gr = rows_layout(g);
   RankGradsArgs<scalar_t> a;
-  a.g = gr.data_ptr<scalar_t>();
-  a.ldg = row_stride(gr);
-  a.g_vec = rows_aligned(a.g, a.ldg, grads_tile<acc_t>() * grads_tile<acc_t>() / kGradsThreads);
+  const Tensor gr = bind_rows(g, grads_tile<acc_t>() * grads_tile<acc_t>() / kGradsThreads, a.g,
+                              a.ldg, a.g_vec);
   a.Bm = Bm.data_ptr<acc_t>();
   a.S = dB.defined() ? S.data_ptr<acc_t>() : nullptr;
   a.T = T;

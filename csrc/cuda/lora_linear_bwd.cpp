@@ -57,11 +57,9 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
   if (w.dB) dB = ungroup_b(dB_full, L);
 
   if (w.dA) {  // dA = dSᵀ·(x ⊙ m)
-    const Tensor xr = rows_layout(x);
     LowrankDaArgs<scalar_t> a;
-    a.x = xr.data_ptr<scalar_t>();
-    a.ldx = row_stride(xr);
-    a.x_vec = rows_aligned(a.x, a.ldx, da_tile<acc_t>() * da_tile<acc_t>() / kDaThreads);
+    const Tensor xr =
+        bind_rows(x, da_tile<acc_t>() * da_tile<acc_t>() / kDaThreads, a.x, a.ldx, a.x_vec);
     a.dS = dS.data_ptr<acc_t>();
     a.T = T;
     a.K = in;

@@ -55,7 +55,6 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
     return linear_fwd_without_lowrank(x, weight, bias, R, fan_in_fan_out);
   const auto lt = lowrank_dtype(x.scalar_type());
   Tensor s = at::empty({T, R}, x.options().dtype(lt));
-  const Tensor xr = rows_layout(x);
   const Tensor A_l = lora_A.to(lt).contiguous();              // (R, in)
   const Tensor B_l = b_full(lora_B, L, lt);                   // (out, R)
   const Tensor bias_c = has_bias ? bias->contiguous() : Tensor();
@@ -68,9 +67,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
     using acc_t = acc_type<scalar_t>;
     // s = dropout(x)·Aᵀ, in `splits` partials over the in features.
     LowrankInArgs<scalar_t> in_args;
-    in_args.x = xr.data_ptr<scalar_t>();
-    in_args.ldx = row_stride(xr);
-    in_args.x_vec = rows_aligned(in_args.x, in_args.ldx, kInGroup);
+    const Tensor xr = bind_rows(x, kInGroup, in_args.x, in_args.ldx, in_args.x_vec);
     in_args.A = A_l.data_ptr<acc_t>();
     in_args.T = T;
     in_args.K = in;
