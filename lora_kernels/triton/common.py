@@ -86,10 +86,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def lowrank_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def dropout_args(p: float):
     """(threshold, keep scale) of the mask defined in ``lora_kernels.reference``."""
     return R.dropout_threshold(p), R.dropout_keep_scale(p)

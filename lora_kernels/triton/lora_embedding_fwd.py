@@ -12,13 +12,13 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..ops import lowrank_dtype
 from .common import (
     NAMESPACE,
     PRUNE_FIRST,
     acc_type,
     configs,
     dot_precision,
-    lowrank_dtype,
     pow2_at_least_16,
 )
 

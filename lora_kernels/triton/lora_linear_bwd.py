@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..ops import lowrank_dtype
 from .common import (
     NAMESPACE,
     PRUNE_FIRST,
@@ -35,8 +36,8 @@ from .common import (
 )
 from .lora_linear_fwd import _GEMM_GPU, _GEMM_INTERP, _GEMM_STAGES, _GEMM_WARPS
 from .philox import keep_scale_tile
-from .tiles import grouped_tile, lowrank_tile, matmul_tile
 from .rank_r_grads import rank_r_grads
+from .tiles import grouped_tile, lowrank_tile, matmul_tile
 
 
 @triton.autotune(configs=configs(_GEMM_GPU, _GEMM_INTERP, _GEMM_WARPS, _GEMM_STAGES),
@@ -130,7 +131,7 @@ def _dx(grad, weight, d_s, lora_A, seed, dropout_p, fan_in_fan_out):
 def _da(d_s, x, lora_A, seed, dropout_p):
     M, N = x.shape
     R = lora_A.shape[0]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = lowrank_dtype(x.dtype)  # fp64 for fp64, fp32 otherwise
     if M == 0 or N == 0 or R == 0:
         return torch.zeros_like(lora_A)
     BR = min(pow2_at_least_16(R), 64)  # ranks in blocks: a third grid axis

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..ops import lowrank_dtype
 from .common import (
     NAMESPACE,
     PRUNE_FIRST,
@@ -32,7 +33,6 @@ from .common import (
     dot_precision,
     dropout_args,
     grouped_b,
-    lowrank_dtype,
     pow2_at_least_16,
 )
 from .philox import keep_scale_tile

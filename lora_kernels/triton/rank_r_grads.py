@@ -17,11 +17,11 @@ against 64 MB of bf16 g).
 """
 import math
 
-import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..ops import lowrank_dtype
 from .common import (
     PRUNE_FIRST,
     acc_type,
@@ -79,7 +79,7 @@ def rank_r_grads(g, s, b_full, scaling, want_ds, want_db):
     (out × R) likewise; None for the one not asked for."""
     M, N = g.shape
     R = b_full.shape[1]
-    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    acc = lowrank_dtype(g.dtype)  # fp64 for fp64, fp32 otherwise
     if not (want_ds or want_db):
         return None, None
     if M == 0 or N == 0 or R == 0:
