@@ -103,28 +103,11 @@ def default_providers(device) -> tuple:
     return DEFAULT_PROVIDERS.get(torch.device(device).type, DEFAULT_PROVIDERS["cpu"])
 
 
-_BACKEND_ENV = "LORA_KERNELS_BACKEND"
-
-
-@contextlib.contextmanager
 def forced_backend(name: Optional[str]):
-    """Run the block's ops (forward and backward) on backend ``name``; ``None``
-    changes nothing. ``use_backend`` is thread-local, and on CUDA autograd runs
-    backward on its own device thread, which sees only the environment variable:
-    so ``LORA_KERNELS_BACKEND`` is set for the same span as well."""
-    if name is None:
-        yield
-        return
-    old = os.environ.get(_BACKEND_ENV)
-    os.environ[_BACKEND_ENV] = name
-    try:
-        with backends.use_backend(name):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(_BACKEND_ENV, None)
-        else:
-            os.environ[_BACKEND_ENV] = old
+    """The context that runs the block's ops on backend ``name`` (``None``:
+    no change). Backward follows: each op's autograd keeps the backend its
+    forward ran on, also when autograd runs backward on another thread."""
+    return contextlib.nullcontext() if name is None else backends.use_backend(name)
 
 
 HELD_METHOD = ("held MB: bytes of the distinct storages autograd saves for backward during one "

@@ -197,11 +197,10 @@ def test_case_backend_is_honoured_forward_and_backward(monkeypatch):
     assert forced["cuda"].skip.startswith("backend cuda cannot run on cpu: ")
 
 
-def test_forced_backend_restores_env(monkeypatch):
+def test_forced_backend_restores_the_choice(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
     with pytest.raises(RuntimeError):
         with bench.forced_backend("reference"):
-            assert os.environ["LORA_KERNELS_BACKEND"] == "reference"
             assert backends.requested() == "reference"
             raise RuntimeError
     assert os.environ["LORA_KERNELS_BACKEND"] == "auto" and backends.requested() == "auto"
