@@ -282,6 +282,23 @@ def test_embedding_int32_indices_and_strided_s():
         assert_close(u, v, torch.float64, name)
 
 
+@pytest.mark.parametrize("T,dim,r", [(37, 33, 8), (1, 16, 3), (2, 47, 13), (130, 1, 17),
+                                     (5, 64, 1), (64, 100, 16)], ids=str)
+@pytest.mark.parametrize("simd", ["1", "0"])
+def test_embedding_float32_forward_row_kernel(T, dim, r, simd, monkeypatch):
+    """float32 forward on the AVX-512 row kernel (where the CPU has it) and on
+    the GEMM path (LORA_KERNELS_CPU_SIMD=0): column tails, odd token counts,
+    ranks over one 8-wide chunk, against the float64 reference."""
+    monkeypatch.setenv("LORA_KERNELS_CPU_SIMD", simd)
+    idx, w, a, bb = embedding_inputs(T, 50, dim, r, torch.float32)
+    y, s = K.lora_embedding_fwd(idx, w, a, bb, 0.8)
+    y_ref, _ = REF.lora_embedding_fwd(idx, up(w), up(a), up(bb), 0.8)
+    assert_close(y, y_ref, torch.float32, "y")
+    w_strided = torch.empty(50, dim + 3)[:, :dim].copy_(w)  # not contiguous: the GEMM path
+    y2, _ = K.lora_embedding_fwd(idx, w_strided, a, bb, 0.8)
+    assert_close(y2, y_ref, torch.float32, "y (strided weight)")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_embedding_low_precision(dtype):
     idx, w, a, bb = embedding_inputs(130, 50, 33, 8, dtype)

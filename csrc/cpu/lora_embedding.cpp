@@ -2,9 +2,11 @@
 //   y = W[idx] + scaling · Aᵀ[idx] · Bᵀ        (A: r×num, B: dim×r)
 //
 // Memory plan
-//   * Forward: y (tokens×dim) is written once, row block by row block: the
-//     block's rows of W are gathered and the low-rank update is added while
-//     they are in cache (no second pass over y).
+//   * Forward: y (tokens×dim) is written once, row block by row block. For
+//     float32 on a CPU with AVX-512 each row is gathered and gets its
+//     low-rank update in one pass while in registers (lowrank_rows.h);
+//     otherwise the block's rows of W are gathered and the update is added
+//     by a GEMM while they are in cache (no second pass over y).
 //     s = Aᵀ[idx] (tokens×r, float32 for half weights) is returned and kept
 //     by the caller for dB; the indices are kept for dA and dweight.
 //   * Backward: dB = scaling · gᵀ·s and dS = g·(scaling·B) (tokens×r, one
@@ -21,6 +23,7 @@
 #include "../below_autograd.h"
 #include "../frozen_layer.h"
 #include "common.h"
+#include "lowrank_rows.h"
 
 namespace lora_kernels {
 namespace cpu {
@@ -58,6 +61,11 @@ void lookup_and_add(const Tensor& idx, const Tensor& weight, const Tensor& A, Te
   const int64_t* ip = idx.data_ptr<int64_t>();
   const scalar_t* ap = A.data_ptr<scalar_t>();
   acc_t* sp = s.data_ptr<acc_t>();
+  const bool simd = std::is_same<scalar_t, float>::value && weight.is_contiguous() &&
+                    lowrank_rows_available();
+  scalar_t* yp = y.data_ptr<scalar_t>();  // y and Bt are contiguous
+  const scalar_t* wp = simd ? weight.data_ptr<scalar_t>() : nullptr;
+  const acc_t* btp = Bt.data_ptr<acc_t>();
   at::parallel_for(0, num_row_blocks(T), 1, [&](int64_t b0, int64_t b1) {
     Tensor tmp = kSame ? Tensor() : at::empty({kRowBlock, dim}, acc_opts);
     for (int64_t b = b0; b < b1; ++b) {
@@ -65,13 +73,20 @@ void lookup_and_add(const Tensor& idx, const Tensor& weight, const Tensor& A, Te
       const int64_t n = std::min(kRowBlock, T - r0);
       for (int64_t t = r0; t < r0 + n; ++t)  // s[t, k] = A[k, idx[t]]
         for (int64_t k = 0; k < r; ++k) sp[t * r + k] = static_cast<acc_t>(ap[k * num + ip[t]]);
+      if (simd) {  // gather and rank-r update in one pass over each row
+        rows_plus_lowrank(reinterpret_cast<float*>(yp) + r0 * dim, dim,
+                          reinterpret_cast<const float*>(wp), dim, ip + r0, n, dim,
+                          reinterpret_cast<const float*>(sp) + r0 * r, r,
+                          reinterpret_cast<const float*>(btp), dim, r);
+        continue;
+      }
       const Tensor s_blk = s.narrow(0, r0, n);
       Tensor y_blk = y.narrow(0, r0, n);
       if (weight.is_contiguous()) {  // row gather by memcpy: no ATen call per block
-        const scalar_t* wp = weight.data_ptr<scalar_t>();
-        scalar_t* yp = y_blk.data_ptr<scalar_t>();
+        const scalar_t* w = weight.data_ptr<scalar_t>();
+        scalar_t* yb = y_blk.data_ptr<scalar_t>();
         for (int64_t t = 0; t < n; ++t)
-          std::memcpy(yp + t * dim, wp + ip[r0 + t] * dim, sizeof(scalar_t) * dim);
+          std::memcpy(yb + t * dim, w + ip[r0 + t] * dim, sizeof(scalar_t) * dim);
       } else {
         at::index_select_out(y_blk, weight, 0, idx.narrow(0, r0, n));
       }
