@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import gc
 import importlib
 import itertools
@@ -718,6 +719,40 @@ def _run_do_bench(active: List[Case], held, peak, repeat, warmup_ms, rep_ms, pro
 MB = 1024 * 1024
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+HEAPS = ("kept", "default")
+
+
+def keep_freed_memory() -> Optional[str]:
+    """Make glibc keep freed memory for reuse (no heap trimming, no blocks of
+    their own mapped per allocation) for the rest of the process.
+
+    With glibc's adaptive defaults, the providers' interleaved steps disturb
+    one another: a large block freed by one provider is given back to the OS
+    inside whichever provider's step frees the last block above it, and the
+    next large allocation page-faults its memory in again (about 4 ms per
+    16 MB on the 2-core development machine). Which step pays depends on the
+    order of the providers' allocations, so the medians of a run come out
+    bimodal. With freed memory kept, every step reuses warm memory and pays
+    only for its own work. Returns what was set, or None where the C library
+    is not glibc (nothing changed)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        version = libc.gnu_get_libc_version().decode()
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return None
+    return (f"glibc {version}, freed memory kept for reuse (mallopt M_MMAP_MAX=0, "
+            "M_TRIM_THRESHOLD=2**31-1): no provider pays page faults for memory another freed")
+
+
 def machine_line(device) -> str:
     device = torch.device(device)
     cpu = platform.processor() or platform.machine()
@@ -911,6 +946,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the run (default: torch's own choice; "
                          "on a machine shared with other work, 1 avoids OpenMP stalls)")
+    ap.add_argument("--heap", choices=HEAPS, default="kept",
+                    help="CPU: 'kept' (default) makes glibc keep freed memory for reuse, so "
+                         "one provider's freed memory is not unmapped and faulted in again "
+                         "inside another provider's timed step; 'default' leaves glibc's "
+                         "adaptive trimming on")
     ap.add_argument("--csv", metavar="PATH", help="append rows (Liger-Kernel long format)")
     ap.add_argument("--plot", metavar="PNG", help="plot time vs tokens of this run's rows")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -969,6 +1009,8 @@ def _run(args, argv, providers, in_f, out_f, alpha, p, enable, kernel, device, a
     print(f"machine: {machine_line(device)}")
     print(f"lora_kernels {__version__}, backend: {lora_kernels_backend(device)}")
     print(f"command: python -m lora_kernels.bench {shlex.join(argv)}".rstrip())
+    heap = keep_freed_memory() if args.heap == "kept" and not cuda else None
+    print(f"heap: {heap or 'allocator defaults'}")
     print()
 
     from tqdm.auto import tqdm
