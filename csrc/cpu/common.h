@@ -176,6 +176,28 @@ inline void mm_rm(const Tensor& C, const Tensor& A, const Tensor& B, bool add, b
   }
 }
 
+// mm_rm on raw row-major pointers (C is M×N with row stride ldc, A M×K /
+// lda, B K×N / ldb): float32 stable shapes go to the micro-kernel directly,
+// with no tensor views made per call; everything else goes through mm_rm on
+// views of the same memory.
+template <typename T>
+inline void mm_rm_ptr(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                      int64_t ldb, T* C, int64_t ldc, bool add, bool stable) {
+  if (M == 0 || N == 0) return;
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same<T, float>::value) {
+    if (stable && K > 0) {
+      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
+      return;
+    }
+  }
+#endif
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  mm_rm(at::from_blob(C, {M, N}, {ldc, 1}, opts),
+        at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts),
+        at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts), add, /*stable=*/false);
+}
+
 // Σ over slots (in slot order, element by element: deterministic) of
 // parts[slot] → a tensor of parts' trailing shape.
 template <typename acc_t>

@@ -16,7 +16,9 @@
 //     embedding backward (a num×dim tensor, only when asked for). dB
 //     partials are summed slot by slot in a fixed order, so every result is
 //     bitwise the same for any number of threads.
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include <torch/library.h>
 
@@ -114,56 +116,122 @@ std::tuple<Tensor, Tensor> lora_embedding_fwd_impl(const Tensor& indices, const 
     return {at::index_select(weight, 0, indices).contiguous(), s};
   }
   Tensor y = at::empty({T, dim}, weight.options());
-  const Tensor idx = indices.to(at::kLong).contiguous();
+  const Tensor idx = (indices.scalar_type() == at::kLong && indices.is_contiguous())
+                         ? indices
+                         : indices.to(at::kLong).contiguous();
   const Tensor A_c = lora_A.contiguous();
-  const Tensor Bt = (lora_B.to(lt).t() * scaling).contiguous();  // (r, dim), scaled
+  Tensor Bt = at::empty({r, dim}, weight.options().dtype(lt));  // scaling·Bᵀ
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), kFwd, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tensor Bc = lora_B.contiguous();
+    const scalar_t* bp = Bc.data_ptr<scalar_t>();
+    acc_t* o = Bt.data_ptr<acc_t>();
+    for (int64_t j = 0; j < dim; ++j)
+      for (int64_t k = 0; k < r; ++k)
+        o[k * dim + j] = static_cast<acc_t>(scaling) * static_cast<acc_t>(bp[j * r + k]);
     lookup_and_add<scalar_t>(idx, weight, A_c, y, s, Bt);
   });
   return {y, s};
 }
 
-// dS = g·(scaling·B) (tokens×r) and dB = scaling · gᵀ·s, in the low-rank dtype.
-// dB is accumulated transposed, (r, dim), per slot of row chunks.
+// dA and dB (each only when asked for), for T > 0, r > 0, dim > 0:
+//   dS = g·(scaling·B) (tokens×r, in acc_t), then dA[:, idx[t]] += dS[t];
+//   dB = scaling · gᵀ·s, accumulated transposed, (r, dim), per slot of row
+//   chunks, and summed slot by slot into (dim, r) at the end.
+// Raw pointers throughout (mm_rm_ptr): no tensor views per row chunk.
 template <typename scalar_t>
-void lowrank_grads(const Tensor& g, const Tensor& s_in, const Tensor& B_l, double scaling,
-                   bool want_dS, bool want_dB, Tensor& dS, Tensor& dB) {
+void embedding_grads(const Tensor& grad, const Tensor& indices, const Tensor& lora_B,
+                     const Tensor& s_in, double scaling, int64_t padding_idx, int64_t num,
+                     bool want_dA, bool want_dB, Tensor& dA, Tensor& dB) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSame = std::is_same<scalar_t, acc_t>::value;
-  const int64_t T = g.size(0), dim = g.size(1), r = B_l.size(1);
-  const auto acc_opts = g.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t T = grad.size(0), dim = grad.size(1), r = lora_B.size(1);
+  const auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t nchunks = num_row_blocks(T);
   const int64_t S = std::min(nchunks, kMaxSlots);
-  const Tensor B_sc = (B_l * scaling).contiguous();  // (dim, r)
-  const Tensor s = want_dB ? s_in.contiguous() : s_in;  // read by raw pointer below
-  if (want_dS) dS = at::empty({T, r}, acc_opts);
+
+  // Row-major g with a row stride the micro-kernel accepts.
+  const Tensor g = (grad.stride(1) == 1 && grad.stride(0) >= dim) ? grad : grad.contiguous();
+  const scalar_t* gp = g.data_ptr<scalar_t>();
+  const int64_t ld_g = g.stride(0);
+  // scaling·B (dim, r) in acc_t.
+  Tensor B_sc = at::empty({dim, r}, acc_opts);
+  {
+    const Tensor Bc = lora_B.contiguous();
+    const scalar_t* bp = Bc.data_ptr<scalar_t>();
+    acc_t* o = B_sc.data_ptr<acc_t>();
+    for (int64_t e = 0; e < dim * r; ++e) o[e] = static_cast<acc_t>(scaling) * static_cast<acc_t>(bp[e]);
+  }
+  const Tensor s = want_dB ? s_in.contiguous() : s_in;
+  const acc_t* sp = want_dB ? s.data_ptr<acc_t>() : nullptr;
+  const acc_t* bsp = B_sc.data_ptr<acc_t>();
+  Tensor dS = want_dA ? at::empty({T, r}, acc_opts) : Tensor();
+  acc_t* dsp = want_dA ? dS.data_ptr<acc_t>() : nullptr;
   Tensor parts = want_dB ? at::empty({S, r, dim}, acc_opts) : Tensor();
+  acc_t* pp = want_dB ? parts.data_ptr<acc_t>() : nullptr;
+
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
-    Tensor gbuf = kSame ? Tensor() : at::empty({kRowBlock, dim}, acc_opts);
-    Tensor tbuf = at::empty({r * kRowBlock}, acc_opts);
+    std::vector<acc_t> gbuf(kSame ? 0 : kRowBlock * dim);
+    std::vector<acc_t> tbuf(want_dB ? r * kRowBlock : 0);
     for (int64_t slot = s0; slot < s1; ++slot) {
       const int64_t c_begin = slot * nchunks / S, c_end = (slot + 1) * nchunks / S;
       for (int64_t c = c_begin; c < c_end; ++c) {
         const int64_t r0 = c * kRowBlock;
         const int64_t n = std::min(kRowBlock, T - r0);
-        Tensor g_c = g.narrow(0, r0, n);
-        if constexpr (!kSame) {
-          Tensor gb = gbuf.narrow(0, 0, n);
-          gb.copy_(g_c);
-          g_c = gb;
+        const bool full = n == kRowBlock;  // a stable shape for the micro-kernel
+        const acc_t* gc;
+        int64_t ldc;
+        if constexpr (kSame) {
+          gc = reinterpret_cast<const acc_t*>(gp) + r0 * ld_g;
+          ldc = ld_g;
+        } else {  // half rows, widened once per chunk
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t j = 0; j < dim; ++j)
+              gbuf[t * dim + j] = static_cast<acc_t>(gp[(r0 + t) * ld_g + j]);
+          gc = gbuf.data();
+          ldc = dim;
         }
-        if (want_dS) mm_rm(dS.narrow(0, r0, n), g_c, B_sc, /*add=*/false, n == kRowBlock);
+        if (want_dA) mm_rm_ptr<acc_t>(n, r, dim, gc, ldc, bsp, r, dsp + r0 * r, r, false, full);
         if (want_dB) {
-          Tensor st = tbuf.narrow(0, 0, r * n).view({r, n});
-          transpose_scaled<acc_t>(st.data_ptr<acc_t>(), s.data_ptr<acc_t>() + r0 * r, n, r, r,
-                                  static_cast<acc_t>(scaling));
-          mm_rm(parts[slot], st, g_c, /*add=*/c != c_begin, n == kRowBlock);
+          transpose_scaled<acc_t>(tbuf.data(), sp + r0 * r, n, r, r, static_cast<acc_t>(scaling));
+          mm_rm_ptr<acc_t>(r, dim, n, tbuf.data(), n, gc, ldc, pp + slot * r * dim, dim,
+                           /*add=*/c != c_begin, full);
         }
       }
     }
   });
-  if (want_dB) {
-    dB = S ? sum_slots<acc_t>(parts).t() : at::zeros({dim, r}, acc_opts);
+
+  if (want_dB) {  // dB[j, k] = Σ_slot parts[slot, k, j], slots in order
+    dB = at::empty({dim, r}, lora_B.options());
+    scalar_t* o = dB.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < r; ++k) {
+      for (int64_t j = 0; j < dim; ++j) {
+        acc_t v = pp[k * dim + j];
+        for (int64_t q = 1; q < S; ++q) v += pp[(q * r + k) * dim + j];
+        o[j * r + k] = static_cast<scalar_t>(v);
+      }
+    }
+  }
+  if (want_dA) {
+    // dA[k, idx[t]] += dS[t, k], tokens in order; rows of dA in parallel.
+    Tensor dA_acc = at::empty({r, num}, acc_opts);
+    acc_t* dap = dA_acc.data_ptr<acc_t>();
+    const Tensor ic = indices.contiguous();
+    AT_DISPATCH_INDEX_TYPES(ic.scalar_type(), kBwd, [&] {
+      const index_t* idx = ic.data_ptr<index_t>();
+      at::parallel_for(0, r, 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          acc_t* row = dap + k * num;
+          std::fill(row, row + num, acc_t(0));
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t j = static_cast<int64_t>(idx[t]);
+            if (j == padding_idx) continue;
+            row[j] += dsp[t * r + k];
+          }
+        }
+      });
+    });
+    dA = kSame ? dA_acc : dA_acc.to(c10::CppTypeToScalarType<scalar_t>::value);
   }
 }
 
@@ -176,42 +244,16 @@ std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd_impl(
   check_embedding_bwd<DeviceChecks>(kBwd, want, grad, indices, weight, lora_A, s, padding_idx);
   const int64_t T = indices.size(0), num = weight.size(0), dim = weight.size(1),
                 r = lora_A.size(0);
-  const auto lt = lowrank_dtype(weight.scalar_type());
 
   const Tensor dw = embedding_dweight(want.dw, grad, indices, weight, padding_idx);
   if ((!want.dA && !want.dB) || T == 0 || r == 0 || dim == 0)
     return {dw, zero_grad_or_empty(want.dA, lora_A), zero_grad_or_empty(want.dB, lora_B)};
   Tensor dA = lora_A.new_empty({0});
   Tensor dB = lora_B.new_empty({0});
-  const Tensor B_l = lora_B.to(lt).contiguous();
-  Tensor dS, dB_acc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), kBwd, [&] {
-    lowrank_grads<scalar_t>(grad, s, B_l, scaling, want.dA, want.dB, dS, dB_acc);
+    embedding_grads<scalar_t>(grad, indices, lora_B, s, scaling, padding_idx, num, want.dA,
+                              want.dB, dA, dB);
   });
-  if (want.dB) dB = dB_acc.to(lora_B.scalar_type()).contiguous();
-  if (want.dA) {
-    // dA[k, idx[t]] += dS[t, k], tokens in order; rows of dA in parallel.
-    Tensor dA_acc = at::zeros({r, num}, dS.options());
-    const Tensor ic = indices.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(dS.scalar_type(), kBwd, [&] {
-      AT_DISPATCH_INDEX_TYPES(ic.scalar_type(), kBwd, [&] {
-        const index_t* idx = ic.data_ptr<index_t>();
-        const scalar_t* dsp = dS.data_ptr<scalar_t>();
-        scalar_t* dap = dA_acc.data_ptr<scalar_t>();
-        at::parallel_for(0, r, 1, [&](int64_t k0, int64_t k1) {
-          for (int64_t k = k0; k < k1; ++k) {
-            scalar_t* row = dap + k * num;
-            for (int64_t t = 0; t < T; ++t) {
-              const int64_t j = static_cast<int64_t>(idx[t]);
-              if (j == padding_idx) continue;
-              row[j] += dsp[t * r + k];
-            }
-          }
-        });
-      });
-    });
-    dA = dA_acc.to(lora_A.scalar_type());
-  }
   return {dw, dA, dB};
 }
 
