@@ -1,11 +1,17 @@
 """The op surface: every kernel is reached through these ``lora_kernels`` ops.
 
-Each op is a ``torch.library.custom_op`` with a fake (meta) kernel, so
-torch.compile and meta-device tracing see shapes without running anything, and
-the differentiable ones have their autograd registered here. The real work is
-done by the backend that ``lora_kernels.backends.for_device`` picks for the
-tensors' device (see that module); every backend implements the same
-functions with the same arguments:
+Each op is defined in the ``lora_kernels`` torch.library with a fake (meta)
+kernel, so torch.compile and meta-device tracing see shapes without running
+anything, and the differentiable ones have an autograd kernel (an
+``autograd.Function`` registered to the Autograd key, the pattern opcheck
+asks for). The ops are defined with the ``torch.library.Library`` API rather
+than the ``custom_op`` decorator (only merge_/unmerge_ use it, see there):
+the decorator's wrappers cost a fixed ~0.2 ms per layer step (forward +
+backward) once the interpreter's caches are cold, which is how a layer runs
+inside a model. The real work is done by the
+backend that ``lora_kernels.backends.for_device`` picks for the tensors'
+device (see that module); every backend implements the same functions with
+the same arguments:
 
 ``lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
 fan_in_fan_out, num_groups, groups) -> (y, s)``
@@ -38,14 +44,16 @@ padding_idx, output_mask) -> (dweight, dA, dB)``
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import backends
 
 _NS = "lora_kernels"
+_LIB = torch.library.Library(_NS, "DEF")
 
 
 def lowrank_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,43 +69,71 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _define(schema: str, impl, fake):
+    """Define ``lora_kernels::<schema>`` with ``impl`` as its kernel on every
+    device (``impl`` picks the backend) and ``fake`` as its fake kernel;
+    returns the op (its default overload)."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{_NS}::{name}", fake, lib=_LIB)
+    return getattr(getattr(torch.ops, _NS), name).default
+
+
+def _register_autograd(op, function, differentiable_args) -> None:
+    """Make ``function.apply`` (an autograd.Function whose forward calls
+    ``op`` below autograd) the op's autograd kernel; calls that need no graph
+    (grad mode off, or no tensor among ``differentiable_args`` positions
+    requiring grad) go straight below autograd."""
+    def autograd_kernel(*args):
+        if torch.is_grad_enabled() and any(
+                args[i] is not None and args[i].requires_grad for i in differentiable_args):
+            return function.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    _LIB.impl(op._schema.name.split("::", 1)[1], autograd_kernel, "Autograd")
+
+
+def _below_autograd(op, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 # ---------------------------------------------------------------------------
 # Linear and MergedLinear
 # ---------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{_NS}::lora_linear_fwd", mutates_args=())
-def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                    lora_B: Tensor, seed: Tensor, scaling: float, dropout_p: float,
-                    fan_in_fan_out: bool, num_groups: int, groups: List[int]
-                    ) -> Tuple[Tensor, Tensor]:
+def _linear_fwd_impl(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
+                     num_groups, groups):
     return backends.for_device(x.device).lora_linear_fwd(
         x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
         num_groups, groups)
 
 
-@lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
-      num_groups, groups):
+def _linear_fwd_fake(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
+                     num_groups, groups):
     torch._check(x.dim() == 2, lambda: f"lora_linear_fwd: x must be 2-D, got {x.dim()}-D")
     y = x.new_empty(x.shape[0], _out_features(weight, fan_in_fan_out))
     s = x.new_empty(x.shape[0], lora_A.shape[0], dtype=lowrank_dtype(x.dtype))
     return y, s
 
 
-@torch.library.custom_op(f"{_NS}::lora_linear_bwd", mutates_args=())
-def lora_linear_bwd(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                    s: Tensor, seed: Tensor, scaling: float, dropout_p: float,
-                    fan_in_fan_out: bool, num_groups: int, groups: List[int],
-                    output_mask: List[bool]
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+lora_linear_fwd = _define(
+    "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+    "Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, int num_groups, "
+    "int[] groups) -> (Tensor, Tensor)", _linear_fwd_impl, _linear_fwd_fake)
+
+
+def _linear_bwd_impl(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p,
+                     fan_in_fan_out, num_groups, groups, output_mask):
     return backends.for_device(grad.device).lora_linear_bwd(
         grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, fan_in_fan_out,
         num_groups, groups, output_mask)
 
 
-@lora_linear_bwd.register_fake
-def _(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, fan_in_fan_out,
-      num_groups, groups, output_mask):
+def _linear_bwd_fake(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p,
+                     fan_in_fan_out, num_groups, groups, output_mask):
     tokens = grad.shape[0]
     in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     wants = list(output_mask)
@@ -109,70 +145,82 @@ def _(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, fan_in_fan_o
     return dx, dw, db, da, dB
 
 
-def _linear_setup_context(ctx, inputs, output):
-    (x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
-     num_groups, groups) = inputs
-    _, s = output
-    ctx.mark_non_differentiable(s)
-    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    ctx.output_mask = [need_x, need_w, need_b, need_a, need_bb]
-    ctx.args = (scaling, dropout_p, fan_in_fan_out, num_groups, list(groups))
-    # Held for backward: x only when dA or dW needs it; s (tokens×r) only
-    # when dB or dx/dA need the low-rank branch; the seed (8 bytes) so the
-    # mask is regenerated, never stored. weight, A and B are parameters.
-    keep_x = x if (need_a or need_w) else None
-    ctx.save_for_backward(keep_x, weight, lora_A, lora_B, s, seed)
-    # Backward runs where autograd runs it (on CUDA, a device thread that does
-    # not see this thread's use_backend()): it uses the backend asked for here.
-    ctx.backend = backends.requested()
+lora_linear_bwd = _define(
+    "lora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+    "Tensor s, Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, "
+    "int num_groups, int[] groups, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)", _linear_bwd_impl, _linear_bwd_fake)
 
 
-def _linear_backward(ctx, grad_y, grad_s):
-    x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
-    if x is None:
-        x = grad_y.new_empty(0)
-    mask = ctx.output_mask
-    with backends.use_backend(ctx.backend):
-        dx, dw, db, da, dB = torch.ops.lora_kernels.lora_linear_bwd(
-            grad_y, x, weight, lora_A, lora_B, s, seed, *ctx.args[:3],
-            ctx.args[3], ctx.args[4], mask)
-    pick = lambda t, want: t if want else None  # noqa: E731
-    return (pick(dx, mask[0]), pick(dw, mask[1]), pick(db, mask[2]), pick(da, mask[3]),
-            pick(dB, mask[4]), None, None, None, None, None, None)
+class _LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
+                num_groups, groups):
+        y, s = _below_autograd(lora_linear_fwd, x, weight, bias, lora_A, lora_B, seed, scaling,
+                               dropout_p, fan_in_fan_out, num_groups, groups)
+        ctx.mark_non_differentiable(s)
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        ctx.output_mask = [need_x, need_w, need_b, need_a, need_bb]
+        ctx.args = (scaling, dropout_p, fan_in_fan_out, num_groups, list(groups))
+        # Held for backward: x only when dA or dW needs it; s (tokens×r) only
+        # when dB or dx/dA need the low-rank branch; the seed (8 bytes) so the
+        # mask is regenerated, never stored. weight, A and B are parameters.
+        keep_x = x if (need_a or need_w) else None
+        ctx.save_for_backward(keep_x, weight, lora_A, lora_B, s, seed)
+        # Backward runs where autograd runs it (on CUDA, a device thread that
+        # does not see this thread's use_backend()): it uses the backend asked
+        # for here.
+        ctx.backend = backends.requested()
+        return y, s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_s):
+        x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+        if x is None:
+            x = grad_y.new_empty(0)
+        mask = ctx.output_mask
+        with backends.use_backend(ctx.backend):
+            dx, dw, db, da, dB = lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, s, seed,
+                                                 *ctx.args, mask)
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
+                da if mask[3] else None, dB if mask[4] else None,
+                None, None, None, None, None, None)
 
 
-lora_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+_register_autograd(lora_linear_fwd, _LinearFunction, (0, 1, 2, 3, 4))
 
 
 # ---------------------------------------------------------------------------
 # Embedding
 # ---------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{_NS}::lora_embedding_fwd", mutates_args=())
-def lora_embedding_fwd(indices: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                       scaling: float, padding_idx: int) -> Tuple[Tensor, Tensor]:
+def _embedding_fwd_impl(indices, weight, lora_A, lora_B, scaling, padding_idx):
     return backends.for_device(weight.device).lora_embedding_fwd(
         indices, weight, lora_A, lora_B, scaling)
 
 
-@lora_embedding_fwd.register_fake
-def _(indices, weight, lora_A, lora_B, scaling, padding_idx):
+def _embedding_fwd_fake(indices, weight, lora_A, lora_B, scaling, padding_idx):
     tokens = indices.shape[0]
     y = weight.new_empty(tokens, weight.shape[1])
     s = weight.new_empty(tokens, lora_A.shape[0], dtype=lowrank_dtype(weight.dtype))
     return y, s
 
 
-@torch.library.custom_op(f"{_NS}::lora_embedding_bwd", mutates_args=())
-def lora_embedding_bwd(grad: Tensor, indices: Tensor, weight: Tensor, lora_A: Tensor,
-                       lora_B: Tensor, s: Tensor, scaling: float, padding_idx: int,
-                       output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+lora_embedding_fwd = _define(
+    "lora_embedding_fwd(Tensor indices, Tensor weight, Tensor lora_A, Tensor lora_B, "
+    "float scaling, int padding_idx) -> (Tensor, Tensor)",
+    _embedding_fwd_impl, _embedding_fwd_fake)
+
+
+def _embedding_bwd_impl(grad, indices, weight, lora_A, lora_B, s, scaling, padding_idx,
+                        output_mask):
     return backends.for_device(grad.device).lora_embedding_bwd(
         grad, indices, weight, lora_A, lora_B, s, scaling, padding_idx, output_mask)
 
 
-@lora_embedding_bwd.register_fake
-def _(grad, indices, weight, lora_A, lora_B, s, scaling, padding_idx, output_mask):
+def _embedding_bwd_fake(grad, indices, weight, lora_A, lora_B, s, scaling, padding_idx,
+                        output_mask):
     wants = list(output_mask)
     dw = weight.new_empty(weight.shape) if wants[0] else _empty(weight)
     da = lora_A.new_empty(lora_A.shape) if wants[1] else _empty(lora_A)
@@ -180,34 +228,50 @@ def _(grad, indices, weight, lora_A, lora_B, s, scaling, padding_idx, output_mas
     return dw, da, dB
 
 
-def _embedding_setup_context(ctx, inputs, output):
-    indices, weight, lora_A, lora_B, scaling, padding_idx = inputs
-    _, s = output
-    ctx.mark_non_differentiable(s)
-    ctx.output_mask = list(ctx.needs_input_grad[1:4])
-    ctx.scaling = scaling
-    ctx.padding_idx = padding_idx
-    # Held for backward: the indices, s = Aᵀ[indices] (tokens×r) and the parameters.
-    ctx.save_for_backward(indices, weight, lora_A, lora_B, s)
-    ctx.backend = backends.requested()
+lora_embedding_bwd = _define(
+    "lora_embedding_bwd(Tensor grad, Tensor indices, Tensor weight, Tensor lora_A, "
+    "Tensor lora_B, Tensor s, float scaling, int padding_idx, bool[] output_mask) -> "
+    "(Tensor, Tensor, Tensor)", _embedding_bwd_impl, _embedding_bwd_fake)
 
 
-def _embedding_backward(ctx, grad_y, grad_s):
-    indices, weight, lora_A, lora_B, s = ctx.saved_tensors
-    mask = ctx.output_mask
-    with backends.use_backend(ctx.backend):
-        dw, da, dB = torch.ops.lora_kernels.lora_embedding_bwd(
-            grad_y, indices, weight, lora_A, lora_B, s, ctx.scaling, ctx.padding_idx, mask)
-    return None, (dw if mask[0] else None), (da if mask[1] else None), \
-        (dB if mask[2] else None), None, None
+class _EmbeddingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, indices, weight, lora_A, lora_B, scaling, padding_idx):
+        y, s = _below_autograd(lora_embedding_fwd, indices, weight, lora_A, lora_B, scaling,
+                               padding_idx)
+        ctx.mark_non_differentiable(s)
+        ctx.output_mask = list(ctx.needs_input_grad[1:4])
+        ctx.scaling = scaling
+        ctx.padding_idx = padding_idx
+        # Held for backward: the indices, s = Aᵀ[indices] (tokens×r) and the
+        # parameters.
+        ctx.save_for_backward(indices, weight, lora_A, lora_B, s)
+        ctx.backend = backends.requested()
+        return y, s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_s):
+        indices, weight, lora_A, lora_B, s = ctx.saved_tensors
+        mask = ctx.output_mask
+        with backends.use_backend(ctx.backend):
+            dw, da, dB = lora_embedding_bwd(grad_y, indices, weight, lora_A, lora_B, s,
+                                            ctx.scaling, ctx.padding_idx, mask)
+        return (None, dw if mask[0] else None, da if mask[1] else None,
+                dB if mask[2] else None, None, None)
 
 
-lora_embedding_fwd.register_autograd(_embedding_backward, setup_context=_embedding_setup_context)
+_register_autograd(lora_embedding_fwd, _EmbeddingFunction, (1, 2, 3))
 
 
 # ---------------------------------------------------------------------------
 # Merge / unmerge, merged weight (conv), dropout
 # ---------------------------------------------------------------------------
+
+# merge_ / unmerge_ stay custom_ops: the decorator also registers the
+# ADInplaceOrView kernel that bumps W's version counter, so autograd notices a
+# merge between a forward that saved W and its backward. They run once per
+# train()/eval() switch, not per step.
 
 @torch.library.custom_op(f"{_NS}::merge_", mutates_args=("weight",))
 def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -233,8 +297,7 @@ def _(weight, lora_A, lora_B, scaling, fan_in_fan_out, num_groups, groups):
     return None
 
 
-@torch.library.custom_op(f"{_NS}::merged_weight", mutates_args=())
-def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+def _merged_weight_impl(weight, lora_A, lora_B, scaling):
     """W + scaling·(B·A) reshaped to W's shape (W may have any rank; conv)."""
     out = weight.contiguous().clone()
     backends.for_device(weight.device).merge_(
@@ -242,56 +305,67 @@ def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
     return out
 
 
-@merged_weight.register_fake
-def _(weight, lora_A, lora_B, scaling):
+def _merged_weight_fake(weight, lora_A, lora_B, scaling):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-def _merged_weight_setup_context(ctx, inputs, output):
-    weight, lora_A, lora_B, scaling = inputs
-    ctx.scaling = scaling
-    ctx.save_for_backward(lora_A, lora_B)
+merged_weight = _define(
+    "merged_weight(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor",
+    _merged_weight_impl, _merged_weight_fake)
 
 
-def _merged_weight_backward(ctx, grad):
-    lora_A, lora_B = ctx.saved_tensors
-    g = grad.reshape(lora_B.shape[0], lora_A.shape[1]).to(lora_A.dtype) * ctx.scaling
-    need_w, need_a, need_b = ctx.needs_input_grad[:3]
-    return (grad if need_w else None,
-            lora_B.t() @ g if need_a else None,
-            g @ lora_A.t() if need_b else None,
-            None)
+class _MergedWeightFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, lora_A, lora_B, scaling):
+        out = _below_autograd(merged_weight, weight, lora_A, lora_B, scaling)
+        ctx.scaling = scaling
+        ctx.save_for_backward(lora_A, lora_B)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lora_A, lora_B = ctx.saved_tensors
+        g = grad.reshape(lora_B.shape[0], lora_A.shape[1]).to(lora_A.dtype) * ctx.scaling
+        need_w, need_a, need_b = ctx.needs_input_grad[:3]
+        return (grad if need_w else None,
+                lora_B.t() @ g if need_a else None,
+                g @ lora_A.t() if need_b else None,
+                None)
 
 
-merged_weight.register_autograd(_merged_weight_backward,
-                                setup_context=_merged_weight_setup_context)
+_register_autograd(merged_weight, _MergedWeightFunction, (0, 1, 2))
 
 
-@torch.library.custom_op(f"{_NS}::dropout", mutates_args=())
-def dropout(x: Tensor, seed: Tensor, p: float) -> Tensor:
+def _dropout_impl(x, seed, p):
     return backends.for_device(x.device).dropout(x, seed, p)
 
 
-@dropout.register_fake
-def _(x, seed, p):
+def _dropout_fake(x, seed, p):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _dropout_setup_context(ctx, inputs, output):
-    _, seed, p = inputs
-    ctx.p = p
-    ctx.save_for_backward(seed)
-    ctx.backend = backends.requested()
+dropout = _define("dropout(Tensor x, Tensor seed, float p) -> Tensor", _dropout_impl,
+                  _dropout_fake)
 
 
-def _dropout_backward(ctx, grad):
-    (seed,) = ctx.saved_tensors
-    # The mask depends only on (seed, position): the gradient is the same map.
-    with backends.use_backend(ctx.backend):
-        return torch.ops.lora_kernels.dropout(grad.contiguous(), seed, ctx.p), None, None
+class _DropoutFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, seed, p):
+        out = _below_autograd(dropout, x, seed, p)
+        ctx.p = p
+        ctx.save_for_backward(seed)
+        ctx.backend = backends.requested()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        # The mask depends only on (seed, position): the gradient is the same map.
+        with backends.use_backend(ctx.backend):
+            return dropout(grad.contiguous(), seed, ctx.p), None, None
 
 
-dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup_context)
+_register_autograd(dropout, _DropoutFunction, (0,))
 
 
 OPS: Sequence = (lora_linear_fwd, lora_linear_bwd, lora_embedding_fwd, lora_embedding_bwd,
@@ -319,7 +393,7 @@ def _decompose_when_traceable(op, device_arg: int, call) -> None:
         with mode:
             return call(backend, *args, **kwargs)
 
-    op.register_torch_dispatch(FunctionalTensorMode, decompose)
+    torch.library.register_torch_dispatch(op, FunctionalTensorMode, decompose, lib=_LIB)
 
 
 _decompose_when_traceable(lora_linear_fwd, 0, lambda b, *a: b.lora_linear_fwd(*a))
