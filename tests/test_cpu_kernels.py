@@ -299,6 +299,34 @@ def test_embedding_float32_forward_row_kernel(T, dim, r, simd, monkeypatch):
     assert_close(y2, y_ref, torch.float32, "y (strided weight)")
 
 
+@pytest.mark.parametrize("T,dim,r", [(37, 33, 8), (1, 16, 3), (2, 47, 13), (300, 1, 17),
+                                     (5, 130, 1), (257, 300, 16)], ids=str)
+@pytest.mark.parametrize("simd", ["1", "0"])
+def test_embedding_float32_backward_row_kernel(T, dim, r, simd, monkeypatch):
+    """float32 dA/dB on the AVX-512 row kernel (where the CPU has it) and on
+    the GEMM path: odd token counts (a last row without a pair, a partial row
+    chunk), column tails inside and across the 128-column packed blocks, ranks
+    over one 8-wide chunk, each output alone and both, against float64."""
+    monkeypatch.setenv("LORA_KERNELS_CPU_SIMD", simd)
+    idx, w, a, bb = embedding_inputs(T, 50, dim, r, torch.float32)
+    _, s = K.lora_embedding_fwd(idx, w, a, bb, 0.8)
+    _, s_ref = REF.lora_embedding_fwd(idx, up(w), up(a), up(bb), 0.8)
+    g = torch.randn(T, dim, generator=_gen(9))
+    for mask in ([False, True, True], [False, True, False], [False, False, True]):
+        got = K.lora_embedding_bwd(g, idx, w, a, bb, s, 0.8, 4, mask)
+        ref = REF.lora_embedding_bwd(g.double(), idx, up(w), up(a), up(bb), s_ref, 0.8, 4, mask)
+        for name, want, u, v in zip(["dweight", "dA", "dB"], mask, got, ref):
+            if want:
+                assert u.dtype == torch.float32
+                assert_close(u, v, torch.float32, f"{name} mask={mask}")
+    g_strided = torch.empty(T, dim + 5)[:, :dim].copy_(g)  # row stride != dim
+    got = K.lora_embedding_bwd(g_strided, idx, w, a, bb, s, 0.8, -1, [False, True, True])
+    ref = REF.lora_embedding_bwd(g.double(), idx, up(w), up(a), up(bb), s_ref, 0.8, -1,
+                                 [False, True, True])
+    assert_close(got[1], ref[1], torch.float32, "dA (strided grad)")
+    assert_close(got[2], ref[2], torch.float32, "dB (strided grad)")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_embedding_low_precision(dtype):
     idx, w, a, bb = embedding_inputs(130, 50, 33, 8, dtype)

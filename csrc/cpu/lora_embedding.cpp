@@ -10,7 +10,9 @@
 //     s = Aᵀ[idx] (tokens×r, float32 for half weights) is returned and kept
 //     by the caller for dB; the indices are kept for dA and dweight.
 //   * Backward: dB = scaling · gᵀ·s and dS = g·(scaling·B) (tokens×r, one
-//     small buffer) come from one parallel loop over fixed row chunks;
+//     small buffer) come from one parallel loop over fixed row chunks (for
+//     float32 with AVX-512, one read of each row of g gives both:
+//     lowrank_rows.h; otherwise two GEMMs per chunk, the chunk in cache);
 //     dA[:, idx[t]] += dS[t] is a scatter over tokens in token order (rows
 //     of dA in parallel), skipping padding_idx. dweight is ATen's dense
 //     embedding backward (a num×dim tensor, only when asked for). dB
@@ -134,6 +136,71 @@ std::tuple<Tensor, Tensor> lora_embedding_fwd_impl(const Tensor& indices, const 
   return {y, s};
 }
 
+// dA = the scatter of dS (T × r, acc_t): dA[k, idx[t]] += dS[t, k], tokens
+// in order, padding_idx skipped; rows of dA in parallel. dA comes out in
+// acc_t; the caller converts.
+template <typename acc_t>
+void scatter_dA(const Tensor& indices, const acc_t* dsp, int64_t T, int64_t r, int64_t num,
+                int64_t padding_idx, const at::TensorOptions& acc_opts, Tensor& dA) {
+  dA = at::empty({r, num}, acc_opts);
+  acc_t* dap = dA.data_ptr<acc_t>();
+  const Tensor ic = indices.contiguous();
+  AT_DISPATCH_INDEX_TYPES(ic.scalar_type(), kBwd, [&] {
+    const index_t* idx = ic.data_ptr<index_t>();
+    at::parallel_for(0, r, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        acc_t* row = dap + k * num;
+        std::fill(row, row + num, acc_t(0));
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t j = static_cast<int64_t>(idx[t]);
+          if (j == padding_idx) continue;
+          row[j] += dsp[t * r + k];
+        }
+      }
+    });
+  });
+}
+
+// float32 dS (when dsp is set) and dB (when want_dB) with the row kernel of
+// lowrank_rows.h: one read of each row of g for both. Bs = scaling·Bᵀ and the
+// per-slot dB partials use its packed column-block layout.
+void grads_by_rows(const float* gp, int64_t ld_g, int64_t T, int64_t dim, int64_t r,
+                   const float* bsp, const float* sp, double scaling, int64_t nchunks,
+                   int64_t S, float* dsp, bool want_dB, const Tensor& lora_B, Tensor& dB) {
+  const int64_t P = packed_size(r, dim);
+  std::vector<float> Bs(P, 0.f);  // B_sc is (dim, r)
+  for (int64_t j = 0; j < dim; ++j)
+    for (int64_t k = 0; k < r; ++k) Bs[packed_index(r, k, j)] = bsp[j * r + k];
+  std::vector<float> parts(want_dB ? S * P : 0);
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> sbuf(want_dB ? kRowBlock * r : 0);  // scaling · s of one chunk
+    for (int64_t slot = s0; slot < s1; ++slot) {
+      float* part = want_dB ? parts.data() + slot * P : nullptr;
+      if (part) std::fill(part, part + P, 0.f);
+      for (int64_t c = slot * nchunks / S; c < (slot + 1) * nchunks / S; ++c) {
+        const int64_t r0 = c * kRowBlock;
+        const int64_t n = std::min(kRowBlock, T - r0);
+        if (want_dB)
+          for (int64_t e = 0; e < n * r; ++e)
+            sbuf[e] = static_cast<float>(scaling) * sp[r0 * r + e];
+        lowrank_grads_rows(gp + r0 * ld_g, ld_g, n, dim, r, Bs.data(), sbuf.data(), r,
+                           dsp ? dsp + r0 * r : nullptr, r, part);
+      }
+    }
+  });
+  if (!want_dB) return;
+  dB = at::empty({dim, r}, lora_B.options());  // dB[j, k] = Σ_slot part, slots in order
+  float* o = dB.data_ptr<float>();
+  for (int64_t j = 0; j < dim; ++j) {
+    for (int64_t k = 0; k < r; ++k) {
+      const int64_t e = packed_index(r, k, j);
+      float v = parts[e];
+      for (int64_t q = 1; q < S; ++q) v += parts[q * P + e];
+      o[j * r + k] = v;
+    }
+  }
+}
+
 // dA and dB (each only when asked for), for T > 0, r > 0, dim > 0:
 //   dS = g·(scaling·B) (tokens×r, in acc_t), then dA[:, idx[t]] += dS[t];
 //   dB = scaling · gᵀ·s, accumulated transposed, (r, dim), per slot of row
@@ -167,9 +234,15 @@ void embedding_grads(const Tensor& grad, const Tensor& indices, const Tensor& lo
   const acc_t* bsp = B_sc.data_ptr<acc_t>();
   Tensor dS = want_dA ? at::empty({T, r}, acc_opts) : Tensor();
   acc_t* dsp = want_dA ? dS.data_ptr<acc_t>() : nullptr;
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (lowrank_rows_available()) {
+      grads_by_rows(gp, ld_g, T, dim, r, bsp, sp, scaling, nchunks, S, dsp, want_dB, lora_B, dB);
+      if (want_dA) scatter_dA<acc_t>(indices, dsp, T, r, num, padding_idx, acc_opts, dA);
+      return;
+    }
+  }
   Tensor parts = want_dB ? at::empty({S, r, dim}, acc_opts) : Tensor();
   acc_t* pp = want_dB ? parts.data_ptr<acc_t>() : nullptr;
-
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
     std::vector<acc_t> gbuf(kSame ? 0 : kRowBlock * dim);
     std::vector<acc_t> tbuf(want_dB ? r * kRowBlock : 0);
@@ -213,25 +286,8 @@ void embedding_grads(const Tensor& grad, const Tensor& indices, const Tensor& lo
     }
   }
   if (want_dA) {
-    // dA[k, idx[t]] += dS[t, k], tokens in order; rows of dA in parallel.
-    Tensor dA_acc = at::empty({r, num}, acc_opts);
-    acc_t* dap = dA_acc.data_ptr<acc_t>();
-    const Tensor ic = indices.contiguous();
-    AT_DISPATCH_INDEX_TYPES(ic.scalar_type(), kBwd, [&] {
-      const index_t* idx = ic.data_ptr<index_t>();
-      at::parallel_for(0, r, 1, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          acc_t* row = dap + k * num;
-          std::fill(row, row + num, acc_t(0));
-          for (int64_t t = 0; t < T; ++t) {
-            const int64_t j = static_cast<int64_t>(idx[t]);
-            if (j == padding_idx) continue;
-            row[j] += dsp[t * r + k];
-          }
-        }
-      });
-    });
-    dA = kSame ? dA_acc : dA_acc.to(c10::CppTypeToScalarType<scalar_t>::value);
+    scatter_dA<acc_t>(indices, dsp, T, r, num, padding_idx, acc_opts, dA);
+    if (!kSame) dA = dA.to(c10::CppTypeToScalarType<scalar_t>::value);
   }
 }
 

@@ -1,12 +1,12 @@
-// The row kernel of the embedding forward for float32 (lowrank_rows.cpp):
-// y = gathered rows of W + s·Btᵀ in one pass over each row while it is in
-// registers, written for AVX-512. Gathering the rows and then running ATen's
-// GEMM on the block (one dimension is the rank, 4 to 64) costs a second pass
-// and a GEMM that is slow on this shape.
+// Row kernels of the embedding's low-rank branch for float32, written for
+// AVX-512: the forward's gather + rank-r update (lowrank_rows.cpp) and the
+// backward's dS/dB from one read of g (lowrank_grads.cpp). Gathering rows and
+// then running ATen's GEMMs on the block (one dimension is the rank, 4 to 64)
+// costs extra passes, and those GEMMs are slow on these shapes.
 //
-// The result depends only on the arguments (fixed summation order), never on
-// the thread that runs it. Callers use it only when lowrank_rows_available()
-// and fall back to the GEMM path otherwise.
+// Each result depends only on the arguments (fixed summation order), never on
+// the thread that runs it. Callers use them only when
+// lowrank_rows_available() and fall back to the GEMM path otherwise.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +25,27 @@ bool lowrank_rows_available();
 void rows_plus_lowrank(float* y, int64_t ld_y, const float* base, int64_t ld_base,
                        const int64_t* rows, int64_t n, int64_t dim, const float* s,
                        int64_t ld_s, const float* Bt, int64_t ld_bt, int64_t r);
+
+// The packed column-block layout of lowrank_grads_rows' r × dim operands:
+// block b = [b·kPackCols, (b+1)·kPackCols) holds its r rows contiguously
+// ([r][kPackCols], zero padded past dim), so element (k, j) is at
+// packed_index(r, k, j).
+constexpr int64_t kPackCols = 128;
+inline int64_t packed_size(int64_t r, int64_t dim) {
+  return (dim + kPackCols - 1) / kPackCols * r * kPackCols;
+}
+inline int64_t packed_index(int64_t r, int64_t k, int64_t j) {
+  return (j / kPackCols * r + k) * kPackCols + j % kPackCols;
+}
+
+// For the n rows of g (n × dim, row stride ld_g, unit column stride):
+//   dS[t, k] = Σ_j g[t, j] · Bs[k, j]           (dS: n × r, row stride ld_ds)
+//   part[k, j] += Σ_t s[t, k] · g[t, j]          (rows t in order)
+// Bs and part are r × dim in the packed layout above (padding of Bs zero);
+// s is n × r (row stride ld_s). Either output may be null (not computed).
+void lowrank_grads_rows(const float* g, int64_t ld_g, int64_t n, int64_t dim, int64_t r,
+                        const float* Bs_packed, const float* s, int64_t ld_s, float* dS,
+                        int64_t ld_ds, float* part_packed);
 
 }  // namespace cpu
 }  // namespace lora_kernels
