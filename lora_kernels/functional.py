@@ -128,7 +128,8 @@ def lora_embedding(indices: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tens
         _fail("indices.device", indices.device, f"weight's device {weight.device}")
     flat = indices.reshape(-1).long()
     if flat.numel() and flat.device.type == "cpu" and not torch.compiler.is_compiling():
-        lo, hi = int(flat.min()), int(flat.max())
+        lo, hi = torch.aminmax(flat)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= num:
             _fail("indices", f"values in [{lo}, {hi}]", f"values in [0, {num - 1}]")
     pad = -1 if padding_idx is None else padding_idx % num

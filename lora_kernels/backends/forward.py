@@ -15,11 +15,16 @@ OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_embedding_fwd", "lora_embeddi
 
 def forwarders(namespace: Callable[[], object]):
     """The contract's functions in ``OPS`` order, each calling
-    ``namespace().<name>(*args)`` (``namespace`` runs on every call, so it may
-    load the kernels on first use)."""
+    ``namespace().<name>.default(*args)`` (``namespace`` runs on the first
+    call, so it may load the kernels then; the op is kept from there on)."""
     def make(name):
+        op = None  # the op's default overload, looked up on first use
+
         def forward(*args):
-            return getattr(namespace(), name)(*args)
+            nonlocal op
+            if op is None:
+                op = getattr(namespace(), name).default
+            return op(*args)
         forward.__name__ = forward.__qualname__ = name
         return forward
     return tuple(make(name) for name in OPS)
