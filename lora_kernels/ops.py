@@ -159,6 +159,7 @@ class _LinearFunction(torch.autograd.Function):
         y, s = _below_autograd(lora_linear_fwd, x, weight, bias, lora_A, lora_B, seed, scaling,
                                dropout_p, fan_in_fan_out, num_groups, groups)
         ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # s gets no gradient: no zeros made for it
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         ctx.output_mask = [need_x, need_w, need_b, need_a, need_bb]
         ctx.args = (scaling, dropout_p, fan_in_fan_out, num_groups, list(groups))
@@ -176,6 +177,8 @@ class _LinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_s):
+        if grad_y is None:
+            return (None,) * 11
         x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
         if x is None:
             x = grad_y.new_empty(0)
@@ -240,6 +243,7 @@ class _EmbeddingFunction(torch.autograd.Function):
         y, s = _below_autograd(lora_embedding_fwd, indices, weight, lora_A, lora_B, scaling,
                                padding_idx)
         ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # s gets no gradient: no zeros made for it
         ctx.output_mask = list(ctx.needs_input_grad[1:4])
         ctx.scaling = scaling
         ctx.padding_idx = padding_idx
@@ -252,6 +256,8 @@ class _EmbeddingFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_s):
+        if grad_y is None:
+            return (None,) * 6
         indices, weight, lora_A, lora_B, s = ctx.saved_tensors
         mask = ctx.output_mask
         with backends.use_backend(ctx.backend):
