@@ -40,6 +40,14 @@ by ``triton.testing.do_bench`` (CUDA events, L2 cache cleared before each run;
 the timed callable sets the grads to None and then runs the step), which
 reports the median, p20 and p80.
 
+On CPU the benchmark first makes glibc keep freed memory for reuse
+(``--heap kept``, the default; ``keep_freed_memory``): with glibc's adaptive
+defaults a large block freed by one provider is returned to the OS inside
+whichever provider's step frees the last block above it, and faulted in again
+by the next large allocation, which made the medians of interleaved runs
+bimodal. The header's ``heap:`` line says what was set; ``--heap default``
+leaves the allocator alone.
+
 Bytes held for backward
 -----------------------
 Measured, not computed: during one extra forward, outside the timed

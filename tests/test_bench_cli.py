@@ -253,3 +253,21 @@ def test_cli_triton_provider_under_interpreter(capsys):
     median, p20, p80 = map(float, row[2:5])
     assert all(math.isfinite(v) and v > 0 for v in (median, p20, p80))
     assert "triton backend forced (forward and backward)" in out
+
+
+def test_heap_line_and_option(capsys):
+    """The header says what was done to the allocator: on glibc the default
+    'kept' sets mallopt and says so; --heap default leaves glibc alone."""
+    import platform
+
+    assert bench.main(TINY + ["--tokens", "8", "--heap", "default"]) == 0
+    assert "heap: allocator defaults" in capsys.readouterr().out
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert bench.main(TINY + ["--tokens", "8"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("heap:"))
+    if glibc:
+        assert "freed memory kept for reuse (mallopt M_MMAP_MAX=0" in line
+    else:
+        assert line == "heap: allocator defaults"
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--heap", "never"])
