@@ -17,7 +17,8 @@ class BiasModeError(ValueError, NotImplementedError):
 
 def _check_bias(bias) -> None:
     if bias not in BIAS_MODES:
-        raise BiasModeError(f"bias: got {bias!r}, expected one of {', '.join(map(repr, BIAS_MODES))}")
+        expected = ", ".join(map(repr, BIAS_MODES))
+        raise BiasModeError(f"bias: got {bias!r}, expected one of {expected}")
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:

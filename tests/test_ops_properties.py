@@ -19,7 +19,8 @@ def linear_cases(draw):
         tokens=draw(st.integers(0, 70)), in_f=draw(st.integers(1, 40)),
         size=draw(st.integers(1, 9)), r=draw(st.integers(1, 5)), num_groups=num_groups,
         groups=groups, fifo=draw(st.booleans()), bias=draw(st.booleans()),
-        p=draw(st.sampled_from([0.0, 0.1, 0.5, 0.9])), seed=draw(st.integers(-2 ** 63, 2 ** 63 - 1)),
+        p=draw(st.sampled_from([0.0, 0.1, 0.5, 0.9])),
+        seed=draw(st.integers(-2 ** 63, 2 ** 63 - 1)),
         scaling=draw(st.floats(0.1, 4.0)))
 
 
