@@ -171,11 +171,13 @@ void grads_by_rows(const float* gp, int64_t ld_g, int64_t T, int64_t dim, int64_
   std::vector<float> Bs(P, 0.f);  // B_sc is (dim, r)
   for (int64_t j = 0; j < dim; ++j)
     for (int64_t k = 0; k < r; ++k) Bs[packed_index(r, k, j)] = bsp[j * r + k];
-  std::vector<float> parts(want_dB ? S * P : 0);
+  // Per-slot dB partials, each zeroed by its slot (uninitialized here).
+  const Tensor parts_t = at::empty({want_dB ? S * P : 0}, lora_B.options());
+  float* parts = parts_t.data_ptr<float>();
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
     std::vector<float> sbuf(want_dB ? kRowBlock * r : 0);  // scaling · s of one chunk
     for (int64_t slot = s0; slot < s1; ++slot) {
-      float* part = want_dB ? parts.data() + slot * P : nullptr;
+      float* part = want_dB ? parts + slot * P : nullptr;
       if (part) std::fill(part, part + P, 0.f);
       for (int64_t c = slot * nchunks / S; c < (slot + 1) * nchunks / S; ++c) {
         const int64_t r0 = c * kRowBlock;
