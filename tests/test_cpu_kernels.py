@@ -152,6 +152,34 @@ def test_linear_noncontiguous_x(layout, p):
         assert_close(u, v, torch.float64, name + " (expanded grad)")
 
 
+@pytest.mark.parametrize("T", [1, 3, 16, 100, 127, 129, 255, 300])
+def test_linear_float32_partial_row_blocks(T):
+    """float32 runs on the micro-kernel GEMMs, which split a partial row block
+    (fewer than 128 tokens) into power-of-two pieces along the rows (M) or the
+    inner dimension (K): every piece size, and several blocks, against float64."""
+    in_f, out_f, r, ng, groups = 70, 66, 5, 3, [0, 2]
+    x, w, b, a, bb = linear_inputs(T, in_f, out_f, r, ng, groups, False, True, torch.float32)
+    y, s = K.lora_linear_fwd(x, w, b, a, bb, SEED, 1.5, 0.1, False, ng, groups)
+    y_ref, s_ref = REF.lora_linear_fwd(up(x), up(w), up(b), up(a), up(bb), SEED, 1.5, 0.1,
+                                       False, ng, groups)
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(s, s_ref, torch.float32, "s")
+    g = torch.randn(T, out_f, generator=_gen(4))
+    mask = [True, False, False, True, True]
+    got = K.lora_linear_bwd(g, x, w, a, bb, s, SEED, 1.5, 0.1, False, ng, groups, mask)
+    ref = REF.lora_linear_bwd(g.double(), up(x), up(w), up(a), up(bb), s_ref, SEED, 1.5, 0.1,
+                              False, ng, groups, mask)
+    for name, want, u, v in zip(["dx", "dweight", "dbias", "dA", "dB"], mask, got, ref):
+        if want:
+            scale = max(1.0, v.abs().max().item())
+            assert_close(u / scale, v / scale, torch.float32, name)
+    mw = w.clone()  # merge: W's rows in blocks of 128, a partial last one
+    K.merge_(mw, a, bb, 0.5, False, ng, groups)
+    mw_ref = w.double().clone()
+    REF.merge_(mw_ref, up(a), up(bb), 0.5, False, ng, groups)
+    assert_close(mw, mw_ref, torch.float32, "merged W")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(37, 33, 66, 8, 3, [0, 2]), (130, 70, 12, 3, 1, [0]),
                                    (7, 9, 5, 1, 1, [0])], ids=str)

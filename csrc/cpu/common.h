@@ -137,18 +137,61 @@ inline void load_masked(const Tensor& src, const Tensor& buf, const uint16_t* la
   if (lanes) apply_mask_inplace<acc_t>(bp, cols, lanes, lane_ld, rows, cols, mask);
 }
 
+// Which dimension of an mm_rm call follows the token count of a row block:
+// none for a full block (kRowBlock rows), else the rows (M) or the inner
+// dimension (K) of a partial one.
+enum class Vary { kNone, kM, kK };
+inline Vary vary_m(bool full) { return full ? Vary::kNone : Vary::kM; }
+inline Vary vary_k(bool full) { return full ? Vary::kNone : Vary::kK; }
+
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+// ATen's float32 batch-reduce GEMM (oneDNN's JIT micro-kernel where the CPU
+// has AVX2 or better, else BLAS). Its kernels are generated and cached per
+// shape and thread, so a dimension that follows the token count is split
+// into power-of-two pieces (64, 32, ..., 1 rows; a partial block has fewer
+// than kRowBlock = 128): at most 7 more kernels per layer shape, and tiny
+// token counts never fall back to BLAS, whose fixed cost (~10 µs a call)
+// dwarfs these GEMMs. Along K the pieces accumulate in order.
+inline void brgemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+                       bool add, const float* A, const float* B, float* C, Vary vary) {
+  if (vary == Vary::kNone) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
+    return;
+  }
+  const int64_t total = vary == Vary::kM ? M : K;
+  int64_t done = 0;
+  for (int64_t piece = 64; piece >= 1; piece /= 2) {
+    for (; total - done >= piece; done += piece) {
+      if (vary == Vary::kM) {
+        at::native::cpublas::brgemm(piece, N, K, lda, ldb, ldc, add, A + done * lda, B,
+                                    C + done * ldc, /*is_vnni=*/false);
+      } else {
+        at::native::cpublas::brgemm(M, N, piece, lda, ldb, ldc, add || done > 0, A + done,
+                                    B + done * ldb, C, /*is_vnni=*/false);
+      }
+    }
+  }
+  // A piece count above 127 cannot happen for a partial block; take the rest whole.
+  if (done < total) {
+    if (vary == Vary::kM) {
+      at::native::cpublas::brgemm(M - done, N, K, lda, ldb, ldc, add, A + done * lda, B,
+                                  C + done * ldc, /*is_vnni=*/false);
+    } else {
+      at::native::cpublas::brgemm(M, N, K - done, lda, ldb, ldc, add || done > 0, A + done,
+                                  B + done * ldb, C, /*is_vnni=*/false);
+    }
+  }
+}
+#endif
+
 // C = A·B, or C += A·B with `add`, for 2-D views A (M×K), B (K×N), C (M×N).
 // float32 row-major operands (unit column stride) go to ATen's batch-reduce
-// GEMM (oneDNN's JIT micro-kernel where the CPU has AVX2 or better, else
-// BLAS): it reads plain row-major blocks with no packing pass, which is most
-// of the cost of BLAS on these skinny shapes (one of M, N, K is the rank).
-// Everything else goes through at::mm_out / addmm_ (BLAS, any strides). The
+// GEMM (brgemm_f32 above): it reads plain row-major blocks with no packing
+// pass, which is most of the cost of BLAS on these skinny shapes (one of M,
+// N, K is the rank). Everything else goes through at::mm_out / addmm_ (BLAS,
+// any strides). `vary` says which dimension follows the token count. The
 // result depends only on the shapes, never on the calling thread.
-// The micro-kernels are generated (JIT) and cached per shape and thread, so
-// callers pass `stable` = false for shapes that vary from call to call (the
-// last, partial row block of a variable token count): those go to BLAS and
-// the cache stays bounded by the layer shapes.
-inline void mm_rm(const Tensor& C, const Tensor& A, const Tensor& B, bool add, bool stable) {
+inline void mm_rm(const Tensor& C, const Tensor& A, const Tensor& B, bool add, Vary vary) {
   const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
   if (M == 0 || N == 0) return;
   if (K == 0) {
@@ -159,14 +202,14 @@ inline void mm_rm(const Tensor& C, const Tensor& A, const Tensor& B, bool add, b
   auto unit = [](const Tensor& t) { return t.size(1) == 1 || t.stride(1) == 1; };
   const bool row_major = unit(A) && unit(B) && unit(C) && ld(A) >= K && ld(B) >= N && ld(C) >= N;
 #ifdef CPUBLAS_BRGEMM_F32F32F32  // torch versions without a float32 brgemm use BLAS
-  if (stable && row_major && C.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat &&
+  if (row_major && C.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat &&
       B.scalar_type() == at::kFloat) {
-    at::native::cpublas::brgemm(M, N, K, ld(A), ld(B), ld(C), add, A.data_ptr<float>(),
-                                B.data_ptr<float>(), C.data_ptr<float>(), /*is_vnni=*/false);
+    brgemm_f32(M, N, K, ld(A), ld(B), ld(C), add, A.data_ptr<float>(), B.data_ptr<float>(),
+               C.data_ptr<float>(), vary);
     return;
   }
 #else
-  (void)stable;
+  (void)vary;
   (void)row_major;
 #endif
   if (add) {
@@ -177,17 +220,16 @@ inline void mm_rm(const Tensor& C, const Tensor& A, const Tensor& B, bool add, b
 }
 
 // mm_rm on raw row-major pointers (C is M×N with row stride ldc, A M×K /
-// lda, B K×N / ldb): float32 stable shapes go to the micro-kernel directly,
-// with no tensor views made per call; everything else goes through mm_rm on
-// views of the same memory.
+// lda, B K×N / ldb): float32 goes to brgemm_f32 directly, with no tensor
+// views made per call; other types go through mm_rm on views of the memory.
 template <typename T>
 inline void mm_rm_ptr(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-                      int64_t ldb, T* C, int64_t ldc, bool add, bool stable) {
+                      int64_t ldb, T* C, int64_t ldc, bool add, Vary vary) {
   if (M == 0 || N == 0) return;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   if constexpr (std::is_same<T, float>::value) {
-    if (stable && K > 0) {
-      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
+    if (K > 0) {
+      brgemm_f32(M, N, K, lda, ldb, ldc, add, A, B, C, vary);
       return;
     }
   }
@@ -195,7 +237,7 @@ inline void mm_rm_ptr(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, 
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   mm_rm(at::from_blob(C, {M, N}, {ldc, 1}, opts),
         at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts),
-        at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts), add, /*stable=*/false);
+        at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts), add, vary);
 }
 
 // Σ over slots (in slot order, element by element: deterministic) of

@@ -95,11 +95,11 @@ void lookup_and_add(const Tensor& idx, const Tensor& weight, const Tensor& A, Te
         at::index_select_out(y_blk, weight, 0, idx.narrow(0, r0, n));
       }
       if constexpr (kSame) {
-        mm_rm(y_blk, s_blk, Bt, /*add=*/true, n == kRowBlock);
+        mm_rm(y_blk, s_blk, Bt, /*add=*/true, vary_m(n == kRowBlock));
       } else {
         Tensor t = tmp.narrow(0, 0, n);
         t.copy_(y_blk);
-        mm_rm(t, s_blk, Bt, /*add=*/true, n == kRowBlock);
+        mm_rm(t, s_blk, Bt, /*add=*/true, vary_m(n == kRowBlock));
         y_blk.copy_(t);  // one rounding to the half dtype
       }
     }
@@ -266,11 +266,11 @@ void embedding_grads(const Tensor& grad, const Tensor& indices, const Tensor& lo
           gc = gbuf.data();
           ldc = dim;
         }
-        if (want_dA) mm_rm_ptr<acc_t>(n, r, dim, gc, ldc, bsp, r, dsp + r0 * r, r, false, full);
+        if (want_dA) mm_rm_ptr<acc_t>(n, r, dim, gc, ldc, bsp, r, dsp + r0 * r, r, false, vary_m(full));
         if (want_dB) {
           transpose_scaled<acc_t>(tbuf.data(), sp + r0 * r, n, r, r, static_cast<acc_t>(scaling));
           mm_rm_ptr<acc_t>(r, dim, n, tbuf.data(), n, gc, ldc, pp + slot * r * dim, dim,
-                           /*add=*/c != c_begin, full);
+                           /*add=*/c != c_begin, vary_k(full));
         }
       }
     }

@@ -95,7 +95,12 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
   Tensor dBt_parts = w.dB ? at::empty({S, ng, r, L.size}, acc_opts) : Tensor();
 
   // Row-major operands for mm_rm (common.h), scaling folded into B once.
-  const Tensor B_sc = (B_l * scaling).contiguous();  // (len(groups)·size, r)
+  Tensor B_sc = at::empty({B_l.size(0), r}, acc_opts);  // (len(groups)·size, r)
+  {
+    const acc_t* b = B_l.data_ptr<acc_t>();  // contiguous
+    acc_t* o = B_sc.data_ptr<acc_t>();
+    for (int64_t e = 0; e < B_l.numel(); ++e) o[e] = b[e] * static_cast<acc_t>(scaling);
+  }
   const Tensor s = w.dB ? s_in.contiguous() : s_in;   // read by raw pointer below
 
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
@@ -131,12 +136,13 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
                                   static_cast<acc_t>(scaling));
           Tensor dBt_s = dBt_parts[slot];
           for (int64_t i = 0; i < ng; ++i)
-            mm_rm(dBt_s[i], tb.narrow(0, i * r, r), g_i[i], add, full);
+            mm_rm(dBt_s[i], tb.narrow(0, i * r, r), g_i[i], add, vary_k(full));
         }
         if (!need_dS) continue;
         Tensor dS = dSbuf.narrow(0, 0, n * R).view({n, R});
         for (int64_t i = 0; i < ng; ++i)
-          mm_rm(dS.narrow(1, i * r, r), g_i[i], B_sc.narrow(0, i * L.size, L.size), false, full);
+          mm_rm(dS.narrow(1, i * r, r), g_i[i], B_sc.narrow(0, i * L.size, L.size), false,
+                vary_m(full));
         if (need_lanes) mask_lanes(mask, r0, n, in, lanes.data());
         const uint16_t* lp = need_lanes ? lanes.data() : nullptr;
         if (w.dA) {
@@ -144,24 +150,24 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
           transpose_scaled<acc_t>(tb.data_ptr<acc_t>(), dS.data_ptr<acc_t>(), n, R, R, acc_t(1));
           const Tensor x_c = x.narrow(0, r0, n);
           if (kSame && !mask.active) {
-            mm_rm(dA_parts[slot], tb, x_c, add, full);
+            mm_rm(dA_parts[slot], tb, x_c, add, vary_k(full));
           } else {
             Tensor xb = xbuf.narrow(0, 0, n);
             load_masked<scalar_t, acc_t>(x_c, xb, lp, lane_ld, lane_mask);
-            mm_rm(dA_parts[slot], tb, xb, add, full);
+            mm_rm(dA_parts[slot], tb, xb, add, vary_k(full));
           }
         }
         if (w.dx) {
           // dx_c = mask ⊙ (dS_c·A) · keep_scale; the frozen g·W is added later.
           Tensor dx_c = dx.narrow(0, r0, n);
           if constexpr (kSame) {
-            mm_rm(dx_c, dS, A_l, false, full);
+            mm_rm(dx_c, dS, A_l, false, vary_m(full));
             if (lp)
               apply_mask_inplace<acc_t>(dx_c.data_ptr<acc_t>(), in, lp, lane_ld, n, in,
                                         lane_mask);
           } else {
             Tensor t = xbuf.narrow(0, 0, n);
-            mm_rm(t, dS, A_l, false, full);
+            mm_rm(t, dS, A_l, false, vary_m(full));
             if (lp)
               apply_mask_inplace<acc_t>(t.data_ptr<acc_t>(), in, lp, lane_ld, n, in, lane_mask);
             dx_c.copy_(t);  // one rounding to the half dtype
@@ -171,9 +177,19 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
     }
   });
   if (w.dA) dA_acc = S ? sum_slots<acc_t>(dA_parts) : at::zeros({R, in}, acc_opts);
-  if (w.dB) {
-    Tensor dBt = S ? sum_slots<acc_t>(dBt_parts) : at::zeros({ng, r, L.size}, acc_opts);
-    dB_acc = dBt.transpose(1, 2).reshape({gcols, r});
+  if (w.dB) {  // dB[i·size + c, k] = Σ_slot dBt_parts[slot, i, k, c], slots in order
+    dB_acc = at::empty({gcols, r}, acc_opts);
+    const acc_t* p = dBt_parts.data_ptr<acc_t>();
+    acc_t* o = dB_acc.data_ptr<acc_t>();
+    const int64_t per_slot = ng * r * L.size;
+    for (int64_t i = 0; i < ng; ++i)
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t c = 0; c < L.size; ++c) {
+          const int64_t e = (i * r + k) * L.size + c;
+          acc_t v = S ? p[e] : acc_t(0);
+          for (int64_t q = 1; q < S; ++q) v += p[q * per_slot + e];
+          o[(i * L.size + c) * r + k] = v;
+        }
   }
 }
 

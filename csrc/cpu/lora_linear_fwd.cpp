@@ -64,13 +64,33 @@ void lowrank_forward(const Tensor& x, const Tensor& bias, Tensor& y, Tensor& s, 
   // Bext_i = [scaling·B_iᵀ ; bias_i] ((r + 1) × size, the bias row only with
   // a bias): y_g = [s_i | 1]·Bext_i writes bias + update in one pass, with no
   // separate scaling or bias pass.
-  const Tensor At = A_l.t().contiguous();
+  // Both are filled by plain loops (A_l and B_l are contiguous): ATen's
+  // strided transpose copies cost more than the low-rank GEMMs at small
+  // token counts.
+  const int64_t R = A_l.size(0);
+  Tensor At = at::empty({in, R}, acc_opts);
+  {
+    const acc_t* a = A_l.data_ptr<acc_t>();
+    acc_t* o = At.data_ptr<acc_t>();
+    for (int64_t k = 0; k < R; ++k)
+      for (int64_t j = 0; j < in; ++j) o[j * R + k] = a[k * in + j];
+  }
   const int64_t rk = has_bias ? r + 1 : r;  // inner dimension of the update
   Tensor Bext = at::empty({ng, rk, L.size}, acc_opts);
-  for (int64_t i = 0; i < ng; ++i) {
-    Bext[i].narrow(0, 0, r).copy_(B_l.narrow(0, i * L.size, L.size).t());
-    Bext[i].narrow(0, 0, r).mul_(scaling);
-    if (has_bias) Bext[i][r].copy_(bias.narrow(0, L.col0(i), L.size));
+  {
+    const acc_t* b = B_l.data_ptr<acc_t>();  // (ng·size, r)
+    acc_t* o = Bext.data_ptr<acc_t>();
+    const Tensor bias_c = has_bias ? bias.contiguous() : Tensor();
+    const scalar_t* bp = has_bias ? bias_c.data_ptr<scalar_t>() : nullptr;
+    for (int64_t i = 0; i < ng; ++i) {
+      acc_t* oi = o + i * rk * L.size;
+      for (int64_t c = 0; c < L.size; ++c)
+        for (int64_t k = 0; k < r; ++k)
+          oi[k * L.size + c] = static_cast<acc_t>(scaling) * b[(i * L.size + c) * r + k];
+      if (has_bias)
+        for (int64_t c = 0; c < L.size; ++c)
+          oi[r * L.size + c] = static_cast<acc_t>(bp[L.col0(i) + c]);
+    }
   }
 
   at::parallel_for(0, num_row_blocks(T), 1, [&](int64_t b0, int64_t b1) {
@@ -90,9 +110,9 @@ void lowrank_forward(const Tensor& x, const Tensor& bias, Tensor& y, Tensor& s, 
         if (mask.active) mask_lanes(mask, r0, n, in, lanes.data());
         load_masked<scalar_t, acc_t>(x_blk, xb, mask.active ? lanes.data() : nullptr, lane_ld,
                                      lane_mask);
-        mm_rm(s_blk, xb, At, /*add=*/false, full);
+        mm_rm(s_blk, xb, At, /*add=*/false, vary_m(full));
       } else {
-        mm_rm(s_blk, x_blk, At, /*add=*/false, full);
+        mm_rm(s_blk, x_blk, At, /*add=*/false, vary_m(full));
       }
       Tensor y_blk = y.narrow(0, r0, n);
       for (int64_t grp = 0; grp < L.num_groups; ++grp) {
@@ -113,11 +133,11 @@ void lowrank_forward(const Tensor& x, const Tensor& bias, Tensor& y, Tensor& s, 
           lhs = se;                                // (n, r + 1)
         }
         if constexpr (kSame) {
-          mm_rm(y_g, lhs, Bext[i], /*add=*/false, full);
+          mm_rm(y_g, lhs, Bext[i], /*add=*/false, vary_m(full));
         } else {
           // y_g = half(bias + scaling · s_i·B_iᵀ), accumulated in float32.
           Tensor t = tmp.narrow(0, 0, n);
-          mm_rm(t, lhs, Bext[i], /*add=*/false, full);
+          mm_rm(t, lhs, Bext[i], /*add=*/false, vary_m(full));
           y_g.copy_(t);
         }
       }

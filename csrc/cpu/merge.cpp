@@ -58,11 +58,11 @@ void merge_impl(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B
       const Tensor rhs = fan_in_fan_out ? B_c.narrow(1, i * L.size, L.size)           // (r, size)
                                         : A_c.narrow(0, i * r, r);                    // (r, in)
       if (in_place) {
-        mm_rm(w_blk, lhs, rhs, /*add=*/true, n == kRowBlock);
+        mm_rm(w_blk, lhs, rhs, /*add=*/true, vary_m(n == kRowBlock));
       } else {
         Tensor b = buf.narrow(0, 0, n);
         b.copy_(w_blk);
-        mm_rm(b, lhs, rhs, /*add=*/true, n == kRowBlock);
+        mm_rm(b, lhs, rhs, /*add=*/true, vary_m(n == kRowBlock));
         w_blk.copy_(b);
       }
     }
