@@ -150,8 +150,8 @@ inline Vary vary_k(bool full) { return full ? Vary::kNone : Vary::kK; }
 // shape and thread, so a dimension that follows the token count is split
 // into power-of-two pieces (64, 32, ..., 1 rows; a partial block has fewer
 // than kRowBlock = 128): at most 7 more kernels per layer shape, and tiny
-// token counts never fall back to BLAS, whose fixed cost (~10 µs a call)
-// dwarfs these GEMMs. Along K the pieces accumulate in order.
+// token counts never fall back to BLAS, whose fixed cost per call dwarfs
+// these GEMMs. Along K the pieces accumulate in order.
 inline void brgemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
                        bool add, const float* A, const float* B, float* C, Vary vary) {
   if (vary == Vary::kNone) {
@@ -169,16 +169,6 @@ inline void brgemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb
         at::native::cpublas::brgemm(M, N, piece, lda, ldb, ldc, add || done > 0, A + done,
                                     B + done * ldb, C, /*is_vnni=*/false);
       }
-    }
-  }
-  // A piece count above 127 cannot happen for a partial block; take the rest whole.
-  if (done < total) {
-    if (vary == Vary::kM) {
-      at::native::cpublas::brgemm(M - done, N, K, lda, ldb, ldc, add, A + done * lda, B,
-                                  C + done * ldc, /*is_vnni=*/false);
-    } else {
-      at::native::cpublas::brgemm(M, N, K - done, lda, ldb, ldc, add || done > 0, A + done,
-                                  B + done * ldb, C, /*is_vnni=*/false);
     }
   }
 }
