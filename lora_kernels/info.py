@@ -23,10 +23,21 @@ def _cuda_extension_line() -> str:
             f"architectures {archs or 'unknown'})")
 
 
+def _row_kernels_line() -> str:
+    """Whether the cpu backend's AVX-512 row kernels (float32 embedding) run."""
+    try:
+        backends.get("cpu")  # loads lora_kernels._C when it is built
+        status = torch.ops.lora_kernels_cpu._row_kernels()
+    except Exception:  # the extension is not built
+        return "cpu row kernels: off (lora_kernels._C is not built)"
+    return f"cpu row kernels (float32 embedding): {status}"
+
+
 def report() -> str:
     lines = [f"lora_kernels {__version__}", f"torch {torch.__version__}",
              f"python {sys.version.split()[0]} ({platform.machine()})",
-             f"requested backend: {backends.requested()}", _cuda_extension_line()]
+             f"requested backend: {backends.requested()}", _cuda_extension_line(),
+             _row_kernels_line()]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         try:

@@ -72,6 +72,19 @@ def test_info_lists_every_backend():
     for name in backends.NAMES:
         assert f"  {name} " in out
     assert "cpu: auto picks" in out
+    assert "cpu row kernels" in out
+
+
+def test_info_says_whether_the_row_kernels_run():
+    import os
+
+    env = dict(os.environ, LORA_KERNELS_CPU_SIMD="0")
+    out = subprocess.run([sys.executable, "-m", "lora_kernels.info"], capture_output=True,
+                         text=True, check=True, env=env).stdout
+    line = next(x for x in out.splitlines() if x.startswith("cpu row kernels"))
+    assert "off" in line
+    if "lora_kernels._C is not built" not in line and "no AVX-512F" not in line:
+        assert "LORA_KERNELS_CPU_SIMD=0" in line
 
 
 def test_backward_uses_the_backend_of_its_forward_on_another_thread():

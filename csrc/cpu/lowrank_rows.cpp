@@ -12,9 +12,12 @@
 // Tails (columns not a multiple of 16) use masked loads and stores.
 #include "lowrank_rows.h"
 
+#include <torch/library.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LK_ROWS_AVX512 1
@@ -24,6 +27,26 @@
 
 namespace lora_kernels {
 namespace cpu {
+
+namespace {
+
+// "on", or why not: what lora_kernels.info prints for the row kernels.
+std::string row_kernels_status() {
+#ifdef LK_ROWS_AVX512
+  if (!__builtin_cpu_supports("avx512f")) return "off: this CPU has no AVX-512F";
+  const char* env = std::getenv("LORA_KERNELS_CPU_SIMD");
+  if (env && std::strcmp(env, "0") == 0) return "off: LORA_KERNELS_CPU_SIMD=0";
+  return "on (AVX-512)";
+#else
+  return "off: not an x86-64 build";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_kernels_cpu, CompositeImplicitAutograd, m) {
+  m.impl("_row_kernels", &row_kernels_status);
+}
 
 bool lowrank_rows_available() {
 #ifdef LK_ROWS_AVX512

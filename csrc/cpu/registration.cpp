@@ -1,6 +1,7 @@
 // The lora_kernels_cpu library: the operator schemas (../op_schemas.h, one
 // per op; each op's CPU kernel is registered in its own file with
-// TORCH_LIBRARY_IMPL) and a CPU-only test hook, and the empty Python module
+// TORCH_LIBRARY_IMPL), a CPU-only test hook and a status query, and the empty
+// Python module
 // `lora_kernels._C`, whose import loads this library and so runs the
 // registrations. No pybind11: the library is built against the limited
 // Python API (abi3) and the ops are reached as torch.ops.lora_kernels_cpu.*.
@@ -26,4 +27,6 @@ TORCH_LIBRARY(lora_kernels_cpu, m) {
   lora_kernels::define_ops(m);
   // Test hook (not part of the op contract): raw Philox words, see dropout.cpp.
   m.def("_philox_words(int seed, int n0, int count, int isa) -> Tensor");
+  // Status of the AVX-512 row kernels (lowrank_rows.h), for lora_kernels.info.
+  m.def("_row_kernels() -> str");
 }
