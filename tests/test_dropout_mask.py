@@ -123,7 +123,8 @@ def test_seed_comes_from_the_default_generator():
     assert not torch.equal(y2, y3)
 
 
-def test_checkpoint_recompute_regenerates_the_mask():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recompute_regenerates_the_mask(reentrant):
     from torch.utils.checkpoint import checkpoint
     layer = lora_kernels.Linear(16, 8, r=4, lora_dropout=0.5)
     torch.nn.init.normal_(layer.lora_B)
@@ -134,6 +135,6 @@ def test_checkpoint_recompute_regenerates_the_mask():
     for t in (x, layer.lora_A, layer.lora_B):
         t.grad = None
     torch.manual_seed(3)
-    checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    checkpoint(layer, x, use_reentrant=reentrant).square().sum().backward()
     for g, t in zip(grads, (x, layer.lora_A, layer.lora_B)):
         torch.testing.assert_close(t.grad, g, rtol=0, atol=0)
