@@ -117,6 +117,19 @@ def _run(op, impl, *args):
     return _below_autograd(op, *args)
 
 
+def _run_backward(ctx, op, impl, *args):
+    """``_run`` for a backward op, on the backend its forward asked for
+    (``ctx.backend``): backward may run on another thread (CUDA's device
+    thread) or outside the forward's use_backend() block."""
+    with backends.use_backend(ctx.backend):
+        return _run(op, impl, *args)
+
+
+def _asked(grads, mask):
+    """The gradients asked for (``mask``), None for the others."""
+    return tuple(g if want else None for g, want in zip(grads, mask))
+
+
 # ---------------------------------------------------------------------------
 # Linear and MergedLinear
 # ---------------------------------------------------------------------------
@@ -185,10 +198,7 @@ class _LinearFunction(torch.autograd.Function):
         # mask is regenerated, never stored. weight, A and B are parameters.
         keep_x = x if (need_a or need_w) else None
         ctx.save_for_backward(keep_x, weight, lora_A, lora_B, s, seed)
-        # Backward runs where autograd runs it (on CUDA, a device thread that
-        # does not see this thread's use_backend()): it uses the backend asked
-        # for here.
-        ctx.backend = backends.requested()
+        ctx.backend = backends.requested()  # for backward: see _run_backward
         return y, s
 
     @staticmethod
@@ -199,13 +209,9 @@ class _LinearFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
         if x is None:
             x = grad_y.new_empty(0)
-        mask = ctx.output_mask
-        with backends.use_backend(ctx.backend):
-            dx, dw, db, da, dB = _run(lora_linear_bwd, _linear_bwd_impl, grad_y, x, weight,
-                                      lora_A, lora_B, s, seed, *ctx.args, mask)
-        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
-                da if mask[3] else None, dB if mask[4] else None,
-                None, None, None, None, None, None)
+        grads = _run_backward(ctx, lora_linear_bwd, _linear_bwd_impl, grad_y, x, weight,
+                              lora_A, lora_B, s, seed, *ctx.args, ctx.output_mask)
+        return _asked(grads, ctx.output_mask) + (None,) * 6
 
 
 _register_autograd(lora_linear_fwd, _LinearFunction, (0, 1, 2, 3, 4))
@@ -267,7 +273,7 @@ class _EmbeddingFunction(torch.autograd.Function):
         # Held for backward: the indices, s = Aᵀ[indices] (tokens×r) and the
         # parameters.
         ctx.save_for_backward(indices, weight, lora_A, lora_B, s)
-        ctx.backend = backends.requested()
+        ctx.backend = backends.requested()  # for backward: see _run_backward
         return y, s
 
     @staticmethod
@@ -276,12 +282,10 @@ class _EmbeddingFunction(torch.autograd.Function):
         if grad_y is None:
             return (None,) * 6
         indices, weight, lora_A, lora_B, s = ctx.saved_tensors
-        mask = ctx.output_mask
-        with backends.use_backend(ctx.backend):
-            dw, da, dB = _run(lora_embedding_bwd, _embedding_bwd_impl, grad_y, indices, weight,
-                              lora_A, lora_B, s, ctx.scaling, ctx.padding_idx, mask)
-        return (None, dw if mask[0] else None, da if mask[1] else None,
-                dB if mask[2] else None, None, None)
+        grads = _run_backward(ctx, lora_embedding_bwd, _embedding_bwd_impl, grad_y, indices,
+                              weight, lora_A, lora_B, s, ctx.scaling, ctx.padding_idx,
+                              ctx.output_mask)
+        return (None,) + _asked(grads, ctx.output_mask) + (None, None)
 
 
 _register_autograd(lora_embedding_fwd, _EmbeddingFunction, (1, 2, 3))

@@ -30,16 +30,24 @@ namespace cpu {
 
 namespace {
 
-// "on", or why not: what lora_kernels.info prints for the row kernels.
-std::string row_kernels_status() {
+// nullptr when the row kernels run, else why not (read on each call: the
+// variable may change between calls, and tests compare both paths).
+const char* row_kernels_off_reason() {
 #ifdef LK_ROWS_AVX512
-  if (!__builtin_cpu_supports("avx512f")) return "off: this CPU has no AVX-512F";
+  static const bool has = __builtin_cpu_supports("avx512f");
+  if (!has) return "this CPU has no AVX-512F";
   const char* env = std::getenv("LORA_KERNELS_CPU_SIMD");
-  if (env && std::strcmp(env, "0") == 0) return "off: LORA_KERNELS_CPU_SIMD=0";
-  return "on (AVX-512)";
+  if (env && std::strcmp(env, "0") == 0) return "LORA_KERNELS_CPU_SIMD=0";
+  return nullptr;
 #else
-  return "off: not an x86-64 build";
+  return "not an x86-64 build";
 #endif
+}
+
+// What lora_kernels.info prints for the row kernels.
+std::string row_kernels_status() {
+  const char* why = row_kernels_off_reason();
+  return why ? std::string("off: ") + why : std::string("on (AVX-512)");
 }
 
 }  // namespace
@@ -48,16 +56,7 @@ TORCH_LIBRARY_IMPL(lora_kernels_cpu, CompositeImplicitAutograd, m) {
   m.impl("_row_kernels", &row_kernels_status);
 }
 
-bool lowrank_rows_available() {
-#ifdef LK_ROWS_AVX512
-  static const bool has = __builtin_cpu_supports("avx512f");
-  if (!has) return false;
-  const char* env = std::getenv("LORA_KERNELS_CPU_SIMD");
-  return !(env && std::strcmp(env, "0") == 0);
-#else
-  return false;
-#endif
-}
+bool lowrank_rows_available() { return row_kernels_off_reason() == nullptr; }
 
 #ifdef LK_ROWS_AVX512
 namespace {
@@ -154,11 +153,6 @@ void rows_plus_lowrank(float* y, int64_t ld_y, const float* base, int64_t ld_bas
                        int64_t ld_s, const float* Bt, int64_t ld_bt, int64_t r) {
 #ifdef LK_ROWS_AVX512
   if (n <= 0 || dim <= 0) return;
-  if (r == 0) {  // a plain row copy
-    for (int64_t t = 0; t < n; ++t)
-      std::memmove(y + t * ld_y, base + (rows ? rows[t] : t) * ld_base, sizeof(float) * dim);
-    return;
-  }
   for (int64_t k0 = 0; k0 < r; k0 += kRankChunk) {
     const int64_t R = std::min(kRankChunk, r - k0);
     // The first chunk reads the source rows; later ones add to y in place.

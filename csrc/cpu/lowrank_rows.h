@@ -20,8 +20,8 @@ bool lowrank_rows_available();
 
 // y[t, :] = src(t)[:] + Σ_k s[t, k] · Bt[k, :] for t < n, where src(t) is row
 // rows[t] of `base` (row stride ld_base), or row t of it when rows is null.
-// s: n × r (row stride ld_s), Bt: r × dim (row stride ld_bt). y may be base
-// with rows null (an in-place add). Everything float32.
+// s: n × r (row stride ld_s), Bt: r × dim (row stride ld_bt), r ≥ 1. y may
+// be base with rows null (an in-place add). Everything float32.
 void rows_plus_lowrank(float* y, int64_t ld_y, const float* base, int64_t ld_base,
                        const int64_t* rows, int64_t n, int64_t dim, const float* s,
                        int64_t ld_s, const float* Bt, int64_t ld_bt, int64_t r);
