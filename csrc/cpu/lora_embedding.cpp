@@ -162,15 +162,16 @@ void scatter_dA(const Tensor& indices, const acc_t* dsp, int64_t T, int64_t r, i
 }
 
 // float32 dS (when dsp is set) and dB (when want_dB) with the row kernel of
-// lowrank_rows.h: one read of each row of g for both. Bs = scaling·Bᵀ and the
-// per-slot dB partials use its packed column-block layout.
+// lowrank_rows.h: one read of each row of g for both. Bs = scaling·Bᵀ (from B,
+// bp: dim × r) and the per-slot dB partials use its packed column-block layout.
 void grads_by_rows(const float* gp, int64_t ld_g, int64_t T, int64_t dim, int64_t r,
-                   const float* bsp, const float* sp, double scaling, int64_t nchunks,
+                   const float* bp, const float* sp, double scaling, int64_t nchunks,
                    int64_t S, float* dsp, bool want_dB, const Tensor& lora_B, Tensor& dB) {
   const int64_t P = packed_size(r, dim);
-  std::vector<float> Bs(P, 0.f);  // B_sc is (dim, r)
+  std::vector<float> Bs(P, 0.f);  // scaling·Bᵀ, packed; B (bp) is (dim, r)
   for (int64_t j = 0; j < dim; ++j)
-    for (int64_t k = 0; k < r; ++k) Bs[packed_index(r, k, j)] = bsp[j * r + k];
+    for (int64_t k = 0; k < r; ++k)
+      Bs[packed_index(r, k, j)] = static_cast<float>(scaling) * bp[j * r + k];
   // Per-slot dB partials, each zeroed by its slot (uninitialized here).
   const Tensor parts_t = at::empty({want_dB ? S * P : 0}, lora_B.options());
   float* parts = parts_t.data_ptr<float>();
@@ -223,26 +224,24 @@ void embedding_grads(const Tensor& grad, const Tensor& indices, const Tensor& lo
   const Tensor g = (grad.stride(1) == 1 && grad.stride(0) >= dim) ? grad : grad.contiguous();
   const scalar_t* gp = g.data_ptr<scalar_t>();
   const int64_t ld_g = g.stride(0);
-  // scaling·B (dim, r) in acc_t.
-  Tensor B_sc = at::empty({dim, r}, acc_opts);
-  {
-    const Tensor Bc = lora_B.contiguous();
-    const scalar_t* bp = Bc.data_ptr<scalar_t>();
-    acc_t* o = B_sc.data_ptr<acc_t>();
-    for (int64_t e = 0; e < dim * r; ++e) o[e] = static_cast<acc_t>(scaling) * static_cast<acc_t>(bp[e]);
-  }
+  const Tensor Bc = lora_B.contiguous();  // (dim, r)
+  const scalar_t* bp = Bc.data_ptr<scalar_t>();
   const Tensor s = want_dB ? s_in.contiguous() : s_in;
   const acc_t* sp = want_dB ? s.data_ptr<acc_t>() : nullptr;
-  const acc_t* bsp = B_sc.data_ptr<acc_t>();
   Tensor dS = want_dA ? at::empty({T, r}, acc_opts) : Tensor();
   acc_t* dsp = want_dA ? dS.data_ptr<acc_t>() : nullptr;
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (lowrank_rows_available()) {
-      grads_by_rows(gp, ld_g, T, dim, r, bsp, sp, scaling, nchunks, S, dsp, want_dB, lora_B, dB);
+      grads_by_rows(gp, ld_g, T, dim, r, bp, sp, scaling, nchunks, S, dsp, want_dB, lora_B, dB);
       if (want_dA) scatter_dA<acc_t>(indices, dsp, T, r, num, padding_idx, acc_opts, dA);
       return;
     }
   }
+  // scaling·B (dim, r) in acc_t, the micro-kernel's right operand for dS.
+  Tensor B_sc = at::empty({dim, r}, acc_opts);
+  acc_t* bsp = B_sc.data_ptr<acc_t>();
+  for (int64_t e = 0; e < dim * r; ++e)
+    bsp[e] = static_cast<acc_t>(scaling) * static_cast<acc_t>(bp[e]);
   Tensor parts = want_dB ? at::empty({S, r, dim}, acc_opts) : Tensor();
   acc_t* pp = want_dB ? parts.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
