@@ -67,6 +67,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from . import functional as LF
 from .layers import LoRALayer, _check_r
 
@@ -113,14 +114,18 @@ class SVDLinear(LoRALayer, nn.Linear):
                                                     with_module=True)
         self.reset_parameters()
         if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1)
+            self.weight.data = self.weight.data.transpose(0, 1).contiguous()
 
     def reset_parameters(self):
         nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            nn.init.zeros_(self.lora_E)
-            nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
-            nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+        self.reset_lora_parameters()
+
+    def _init_lora(self) -> None:
+        distributed.init_full_(self.lora_E, nn.init.zeros_)
+        distributed.init_full_(self.lora_A, lambda t: nn.init.normal_(t, mean=0.0, std=0.02))
+        distributed.init_full_(self.lora_B, lambda t: nn.init.normal_(t, mean=0.0, std=0.02))
+        self.ranknum.fill_(float(self.r))  # a buffer: set again after to_empty
+        self._set_ranknum(float(self.r))
 
     def _set_ranknum(self, ranknum: float) -> None:
         # A Python float, so forward neither syncs with the device nor breaks

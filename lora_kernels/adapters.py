@@ -70,6 +70,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .inject import (CONFIG_ATTR, InjectSummary, _inject, candidate_modules, is_lora_layer,
                      matches, pattern_key)
 from .utils import _check_bias
@@ -166,7 +167,8 @@ class _Layer:
 
     def export(self) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """(PEFT's A, PEFT's B, r_p / r)."""
-        a, b = self.m.lora_A.detach(), self.m.lora_B.detach()
+        a = distributed.full(self.m.lora_A.detach())  # whole tensors (FSDP2)
+        b = distributed.full(self.m.lora_B.detach())
         if self.kind in ("linear", "embedding"):
             return a, b, 1
         if self.kind == "merged":
@@ -315,7 +317,44 @@ def _alpha_for_peft(layer: _Layer, factor: int):
 
 
 def _tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous().clone()
+    """A whole CPU copy of ``t`` (a DTensor is gathered: every rank calls this)."""
+    return distributed.full(t.detach()).to("cpu").contiguous().clone()
+
+
+def _sharded(model: nn.Module) -> bool:
+    return any(distributed.is_dtensor(p) for p in model.parameters())
+
+
+def _writes(sharded: bool) -> bool:
+    """Whether this process writes the files: every process of an unsharded
+    model (call it where you like), rank 0 of a sharded one."""
+    return not sharded or torch.distributed.get_rank() == 0
+
+
+def _done_writing(sharded: bool) -> None:
+    if sharded:
+        torch.distributed.barrier()  # the files exist on every rank's return
+
+
+def _save_peft(model: nn.Module, directory: str) -> dict:
+    """A PEFT model's adapters through PEFT's ``save_pretrained``, from whole
+    tensors: the adapter tensors of ``state_dict()`` (DTensors under FSDP2)
+    are gathered on every rank and rank 0 writes."""
+    from peft import get_peft_model_state_dict
+    sd = model.state_dict()
+    by_id = {id(v): k for k, v in sd.items()}
+    keys = set()
+    for adapter in model.peft_config:
+        for k, v in get_peft_model_state_dict(model, state_dict=sd, adapter_name=adapter).items():
+            if id(v) not in by_id:
+                raise AdapterError(f"{k}: not a tensor of model.state_dict()")
+            keys.add(by_id[id(v)])
+    sharded = _sharded(model)
+    whole = {k: _tensor(sd[k]) for k in sorted(keys)}
+    if _writes(sharded):
+        model.save_pretrained(directory, state_dict=whole)
+    _done_writing(sharded)
+    return model.peft_config[model.active_adapter].to_dict()
 
 
 def save_adapter(model: nn.Module, directory: str, *, bias: Optional[str] = None,
@@ -330,7 +369,14 @@ def save_adapter(model: nn.Module, directory: str, *, bias: Optional[str] = None
     ``rank_pattern``/``alpha_pattern``; ``lora_dropout`` is the most common
     one. Returns the config written. Raises ``AdapterError`` (a ValueError)
     before writing anything when a layer has no exact PEFT form.
+
+    A ``peft.PeftModel`` is saved by its own ``save_pretrained``. Under FSDP2
+    (DTensor parameters) call it on every rank: the adapter tensors are
+    gathered whole and rank 0 writes; an unsharded model is written by every
+    process that calls it.
     """
+    if hasattr(model, "peft_config") and hasattr(model, "save_pretrained"):
+        return _save_peft(model, directory)
     layers = lora_layers(model)
     if not layers:
         raise AdapterError("model: has no LoRA layer with r > 0 to save (inject() first)")
@@ -392,11 +438,14 @@ def save_adapter(model: nn.Module, directory: str, *, bias: Optional[str] = None
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         base_model_name_or_path=base_model_name_or_path)
 
-    from safetensors.torch import save_file
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True))
+    sharded = _sharded(model)
+    if _writes(sharded):
+        from safetensors.torch import save_file
+        os.makedirs(directory, exist_ok=True)
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True))
+    _done_writing(sharded)
     return config
 
 
@@ -608,13 +657,13 @@ def _load(model, config, lora, other, strict) -> LoadedAdapter:
             remerge = getattr(m, "merged", False)
             if remerge:
                 m._apply_delta(-1)
-            m.lora_A.copy_(a)
-            m.lora_B.copy_(b)
+            distributed.copy_full_(m.lora_A, a)  # each rank's block (FSDP2)
+            distributed.copy_full_(m.lora_B, b)
             m.lora_alpha, m.scaling = alpha, scaling
             if remerge:
                 m._apply_delta(+1)
         for target, t in copies:
-            own[target].copy_(t)
+            distributed.copy_full_(own[target], t)
     # What the model now holds, for save_adapter: the adapter's biases and modules_to_save.
     record = dict(model.__dict__.get(CONFIG_ATTR) or {"target_modules": None})
     if config.get("bias", "none") != "none":

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
 from . import ops  # noqa: F401  (registers torch.ops.lora_kernels)
 
 _lk = torch.ops.lora_kernels
@@ -101,7 +102,7 @@ def lora_grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     weight, fan_in_fan_out = _standard_layout(weight, fan_in_fan_out)
     y, _ = _lk.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, float(scaling), p,
                                fan_in_fan_out, num_groups, groups)
-    return y.reshape(*x.shape[:-1], out_f)
+    return _unflatten(y, (*x.shape[:-1], out_f))
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
@@ -134,7 +135,16 @@ def lora_embedding(indices: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tens
             _fail("indices", f"values in [{lo}, {hi}]", f"values in [0, {num - 1}]")
     pad = -1 if padding_idx is None else padding_idx % num
     y, _ = _lk.lora_embedding_fwd(flat, weight, lora_A, lora_B, float(scaling), pad)
-    return y.reshape(*indices.shape, dim)
+    return _unflatten(y, (*indices.shape, dim))
+
+
+def _unflatten(y: Tensor, shape) -> Tensor:
+    """The op's 2-D output in the caller's shape, as a tensor of its own
+    rather than a view (as F.linear returns): FSDP2 warns about modules that
+    return views, since an in-place op on one would skip its backward hook."""
+    if y.shape == shape:
+        return y
+    return torch.ops.aten._unsafe_view(y, shape)
 
 
 def _standard_layout(weight: Tensor, fan_in_fan_out: bool):
@@ -147,6 +157,14 @@ def _standard_layout(weight: Tensor, fan_in_fan_out: bool):
 
 
 def _check_merge(weight, lora_A, lora_B, fan_in_fan_out, enable_lora):
+    if weight.dim() > 2:  # a conv weight: ΔW = (B·A).view(W.shape)
+        rows = lora_B.shape[0] if lora_B.dim() == 2 else 0
+        if fan_in_fan_out or list(enable_lora) != [True] or lora_A.dim() != 2 \
+                or rows * lora_A.shape[1] != weight.numel():
+            _fail("weight.shape", tuple(weight.shape),
+                  "a 2-D weight, or a conv weight of lora_B.shape[0] * lora_A.shape[1] "
+                  "elements (no fan_in_fan_out, one group)")
+        return 1, [0]
     if weight.dim() != 2:
         _fail("weight.dim()", weight.dim(), 2)
     out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
@@ -164,19 +182,34 @@ def _check_merge(weight, lora_A, lora_B, fan_in_fan_out, enable_lora):
     return len(enable_lora), groups
 
 
+def _merge_target(weight: Tensor, lora_A: Tensor, lora_B: Tensor, fan_in_fan_out: bool):
+    """The (weight, fan_in_fan_out) the merge op takes: a conv weight viewed as
+    B's rows × A's columns (a DTensor one as it is: lora_kernels.distributed
+    views each rank's block), a loralib-style transposed W as its transpose."""
+    if weight.dim() > 2:
+        if distributed.is_dtensor(weight):
+            return weight, False
+        return weight.view(lora_B.shape[0], lora_A.shape[1]), False
+    return _standard_layout(weight, fan_in_fan_out)
+
+
 def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
            fan_in_fan_out: bool = False, enable_lora: Sequence[bool] = (True,)) -> None:
-    """In place: W += scaling·ΔW (in W's layout)."""
+    """In place: W += scaling·ΔW (in W's layout; a conv weight of any shape
+    takes (B·A).view(W.shape)). W, A and B may be DTensors (FSDP2): each rank
+    updates its own shard (``lora_kernels.distributed``)."""
+    distributed.register()
     num_groups, groups = _check_merge(weight, lora_A, lora_B, fan_in_fan_out, enable_lora)
-    weight, fan_in_fan_out = _standard_layout(weight, fan_in_fan_out)
+    weight, fan_in_fan_out = _merge_target(weight, lora_A, lora_B, fan_in_fan_out)
     _lk.merge_(weight, lora_A, lora_B, float(scaling), fan_in_fan_out, num_groups, groups)
 
 
 def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
              fan_in_fan_out: bool = False, enable_lora: Sequence[bool] = (True,)) -> None:
-    """In place: W -= scaling·ΔW (in W's layout)."""
+    """In place: W -= scaling·ΔW (in W's layout); shapes and DTensors as in ``merge_``."""
+    distributed.register()
     num_groups, groups = _check_merge(weight, lora_A, lora_B, fan_in_fan_out, enable_lora)
-    weight, fan_in_fan_out = _standard_layout(weight, fan_in_fan_out)
+    weight, fan_in_fan_out = _merge_target(weight, lora_A, lora_B, fan_in_fan_out)
     _lk.unmerge_(weight, lora_A, lora_B, float(scaling), fan_in_fan_out, num_groups, groups)
 
 

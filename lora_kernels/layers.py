@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from . import functional as LF
 from . import reference
 
@@ -58,22 +59,40 @@ class LoRALayer:
         return "weight"
 
     def _merge_args(self):
-        """(W as a 2-D tensor to merge into, fan_in_fan_out, enable_lora)."""
+        """(W to merge into, fan_in_fan_out, enable_lora); a conv's W keeps its
+        shape (``functional.merge_`` views it as B's rows × A's columns)."""
         raise NotImplementedError
 
     def _lora_pair(self):
         """(A, B) whose B·A is merged into W (detached)."""
         return self.lora_A.detach(), self.lora_B.detach()
 
+    def reset_lora_parameters(self) -> None:
+        """Initialise the LoRA tensors as the constructor does, leaving W and
+        the bias alone: for meta-device construction, where a model is built
+        on ``torch.device("meta")``, sharded, ``to_empty``'d, loaded with its
+        pretrained weights, and then given fresh adapters. DTensor (FSDP2)
+        parameters are drawn whole on every rank and each rank keeps its
+        block, so the same seed gives the single-process values."""
+        if hasattr(self, "lora_A"):
+            with torch.no_grad():
+                self._init_lora()
+
+    def _init_lora(self) -> None:
+        """loralib's initialisation of A and B (Linear, MergedLinear, conv)."""
+        distributed.init_full_(self.lora_A, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
+        distributed.init_full_(self.lora_B, nn.init.zeros_)
+
     def _dropout_p(self) -> float:
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
     # -- merge protocol ---------------------------------------------------
     def _apply_delta(self, sign: int) -> None:
-        w2d, fan_in_fan_out, enable_lora = self._merge_args()
+        distributed.reshard_for_update(self)  # FSDP2: merge into the shards
+        w, fan_in_fan_out, enable_lora = self._merge_args()
         fn = LF.merge_ if sign > 0 else LF.unmerge_
         with torch.no_grad():
-            fn(w2d, *self._lora_pair(), self.scaling, fan_in_fan_out, enable_lora)
+            fn(w, *self._lora_pair(), self.scaling, fan_in_fan_out, enable_lora)
 
     def train(self, mode: bool = True):
         nn.Module.train(self, mode)
@@ -97,9 +116,9 @@ class LoRALayer:
         key = prefix + module._weight_name()
         if module.merged and module._has_lora() and key in destination:
             w = destination[key].detach().clone()
-            w2d, fan_in_fan_out, enable_lora = module._merge_args()
+            _, fan_in_fan_out, enable_lora = module._merge_args()
             with torch.no_grad():
-                LF.unmerge_(w if w.dim() == 2 else w.view(w2d.shape), *module._lora_pair(),
+                LF.unmerge_(w, *module._lora_pair(),
                             module.scaling, fan_in_fan_out, enable_lora)
             destination[key] = w
         return destination
@@ -155,9 +174,11 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def reset_parameters(self):
         nn.Embedding.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            nn.init.zeros_(self.lora_A)
-            nn.init.normal_(self.lora_B)
+        self.reset_lora_parameters()
+
+    def _init_lora(self) -> None:
+        distributed.init_full_(self.lora_A, nn.init.zeros_)
+        distributed.init_full_(self.lora_B, nn.init.normal_)
 
     def _merge_args(self):
         # W is (num_embeddings, dim) = ΔWᵀ's layout: the fan_in_fan_out form.
@@ -196,13 +217,13 @@ class Linear(LoRALayer, nn.Linear):
             self.weight.requires_grad = False
         self.reset_parameters()
         if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1)
+            # (in, out), stored contiguous: loralib keeps a transposed view,
+            # which FSDP2 refuses to shard (the values are the same).
+            self.weight.data = self.weight.data.transpose(0, 1).contiguous()
 
     def reset_parameters(self):
         nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+        self.reset_lora_parameters()
 
     def _merge_args(self):
         return self.weight.data, self.fan_in_fan_out, [True]
@@ -242,20 +263,27 @@ class MergedLinear(LoRALayer, nn.Linear):
                 (out_features // len(enable_lora) * sum(enable_lora), r)))
             self.scaling = self.lora_alpha / self.r
             self.weight.requires_grad = False
-            lora_ind = self.weight.new_zeros((out_features,), dtype=torch.bool).view(
-                len(enable_lora), -1)
-            lora_ind[list(map(bool, enable_lora)), :] = True
             # Follows .to()/.cuda() but stays out of checkpoints, as in loralib.
-            self.register_buffer("lora_ind", lora_ind.view(-1), persistent=False)
+            self.register_buffer("lora_ind", self.weight.new_zeros((out_features,),
+                                                                   dtype=torch.bool),
+                                 persistent=False)
         self.reset_parameters()
         if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1)
+            # (in, out), stored contiguous: loralib keeps a transposed view,
+            # which FSDP2 refuses to shard (the values are the same).
+            self.weight.data = self.weight.data.transpose(0, 1).contiguous()
 
     def reset_parameters(self):
         nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+        self.reset_lora_parameters()
+
+    def _init_lora(self) -> None:
+        LoRALayer._init_lora(self)
+        # Which output features have an update (a buffer: to_empty leaves it
+        # uninitialised after meta-device construction, so it is set here).
+        ind = self.lora_ind.view(len(self.enable_lora), -1)
+        ind.fill_(False)
+        ind[list(map(bool, self.enable_lora)), :] = True
 
     def zero_pad(self, x):
         result = x.new_zeros((len(self.lora_ind), *x.shape[1:]))
@@ -322,16 +350,13 @@ class ConvLoRA(LoRALayer, nn.Module):
 
     def reset_parameters(self):
         self.conv.reset_parameters()
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+        self.reset_lora_parameters()
 
     def _weight_name(self) -> str:
         return "conv.weight"
 
     def _merge_args(self):
-        w = self.conv.weight.data
-        return w.view(self.lora_B.shape[0], self.lora_A.shape[1]), False, [True]
+        return self.conv.weight.data, False, [True]
 
     def forward(self, x):
         if self.r > 0 and not self.merged:

@@ -57,6 +57,7 @@ groups, dilation or non-zero padding modes, embeddings with ``max_norm``,
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -87,9 +88,20 @@ def _conv1d_cls():
     return Conv1D
 
 
+def _layer_class(layer) -> type:
+    """The layer's class; for a layer given to FSDP2's ``fully_shard``, the
+    class FSDP2 derived its own from (``FSDP<name>(FSDPModule, <class>)``)."""
+    cls = type(layer)
+    if "torch.distributed.fsdp" in sys.modules:
+        from torch.distributed.fsdp import FSDPModule
+        if FSDPModule in cls.__bases__:
+            return next(b for b in cls.__bases__ if b is not FSDPModule)
+    return cls
+
+
 def _kind(layer) -> Optional[str]:
     lora, adalora = _peft()
-    cls = type(layer)
+    cls = _layer_class(layer)
     if cls is lora.Linear:
         return "linear"
     if cls is adalora.SVDLinear:
@@ -115,6 +127,22 @@ def _global_hooks() -> bool:
 
 def _plain_weight(w) -> bool:
     return type(w) in (torch.Tensor, nn.Parameter) and w.dtype in _FLOATS
+
+
+def _plain(*tensors) -> bool:
+    """No tensor subclass among ``tensors`` (per call: under FSDP2 the
+    parameters are plain inside forward; DTensors there, as in tensor
+    parallelism, go to PEFT's forward)."""
+    return all(t is None or type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+
+
+def _sharded_weight(w) -> bool:
+    """A floating DTensor: FSDP2 keeps parameters sharded outside forward and
+    registers the gathered, plain ones for the forward itself."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(w, DTensor) and w.dtype in _FLOATS
 
 
 def _variant_name(layer, adapter: str) -> str:
@@ -151,9 +179,9 @@ def _base_reason(kind: str, base: nn.Module) -> Optional[str]:
             return f"conv dilation={base.dilation} (PEFT's lora_A has none)"
         if base.padding_mode != "zeros":
             return f"conv padding_mode={base.padding_mode!r} (PEFT's lora_A pads with zeros)"
-    if not _plain_weight(base.weight):
+    if not (_plain_weight(base.weight) or _sharded_weight(base.weight)):
         return (f"base weight is a {type(base.weight).__name__} of {base.weight.dtype} "
-                "(quantized or distributed), not a plain floating tensor")
+                "(quantized), not a floating tensor")
     if _has_hooks(base):
         return "base layer has forward hooks or a replaced forward (e.g. accelerate offloading)"
     return None
@@ -228,7 +256,7 @@ def _linear_terms(layer, kind, active, dtype, cast):
             return None
         if kind == "svd":
             A, E, B = layer.lora_A[a], layer.lora_E[a], layer.lora_B[a]
-            if A.shape[0] == 0:
+            if A.shape[0] == 0 or not _plain(A, E, B):
                 return None
             adapter_dtype = A.dtype
             # PEFT: (x·(A⊙E)ᵀ·Bᵀ)·scaling/(ranknum + 1e-5); the scale goes into
@@ -237,7 +265,7 @@ def _linear_terms(layer, kind, active, dtype, cast):
             s, bias = 1.0, None
         else:
             mA, mB = layer.lora_A[a], layer.lora_B[a]
-            if not (_plain_linear(mA) and _plain_linear(mB)):
+            if not (_plain_linear(mA) and _plain_linear(mB) and _plain(mA.weight, mB.weight)):
                 return None
             A, B, s, bias = mA.weight, mB.weight, layer.scaling[a], mB.bias
             adapter_dtype = A.dtype
@@ -275,7 +303,7 @@ def _linear_forward(layer, kind, x):
     base = layer.base_layer
     weight = base.weight
     autocast = _autocast_on(x)
-    if not autocast and x.dtype != weight.dtype:
+    if (not autocast and x.dtype != weight.dtype) or not _plain(weight, base.bias):
         return None
     terms = _linear_terms(layer, kind, active, weight.dtype, cast=not autocast)
     if terms is None:
@@ -301,11 +329,15 @@ def _embedding_forward(layer, x):
         return None
     base = layer.base_layer
     weight = base.weight
+    if not _plain(weight):
+        return None
     terms = []
     for a in active:
         if layer.input_fns.get(a) is not None or layer.output_fns.get(a) is not None:
             return None
         A, B = layer.lora_embedding_A[a], layer.lora_embedding_B[a]
+        if not _plain(A, B):
+            return None
         terms.append((A.to(weight.dtype), B.to(weight.dtype), layer.scaling[a], 0.0, None))
     A, B, s = _fold(terms)
     return LF.lora_embedding(x, weight, A, B, s, base.padding_idx)
@@ -319,14 +351,14 @@ def _conv_forward(layer, x):
     weight = base.weight
     # Merging ΔW into a half-precision W would round a small ΔW away.
     if _autocast_on(x) or weight.dtype not in (torch.float32, torch.float64) \
-            or x.dtype != weight.dtype:
+            or x.dtype != weight.dtype or not _plain(weight, base.bias):
         return None
     terms = []
     for a in active:
         p = _dropout_p(layer.lora_dropout[a])
         mA, mB = layer.lora_A[a], layer.lora_B[a]
         if p != 0.0 or type(mA) is not type(base) or type(mB) is not type(base) \
-                or _has_hooks(mA) or _has_hooks(mB):
+                or _has_hooks(mA) or _has_hooks(mB) or not _plain(mA.weight, mB.weight):
             return None  # dropout on the branch input: PEFT's low-rank chain
         r = mA.weight.shape[0]
         if mA.weight.shape[1:] != weight.shape[1:] or mB.weight.shape[:2] != (weight.shape[0], r) \
