@@ -21,11 +21,19 @@ $(STAMP): $(SOURCES)
 bench: $(STAMP)
 	$(PY) -m lora_kernels.bench $(ARGS)
 
-# The second run puts the Triton kernels through the interpreter on CPU tensors.
+# The second run puts the Triton kernels through the interpreter on CPU tensors;
+# the third runs the CPU kernels' tests as on an x86 machine without AVX-512
+# (lora_kernels' kernels, ATen's dispatch and oneDNN all capped at AVX2).
+AVX2_ONLY := LORA_KERNELS_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+CPU_TESTS := tests/test_cpu_kernels.py tests/test_dropout_mask.py tests/test_layers.py \
+             tests/test_layers_vs_loralib.py tests/test_ops.py tests/test_ops_properties.py \
+             tests/test_backends.py
+
 test: $(STAMP) cuda-check
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable $(ARGS)
 	TRITON_INTERPRET=1 LORA_KERNELS_BACKEND=triton $(PY) -m pytest -q -p no:cacheprovider \
 	    tests -k triton $(ARGS)
+	$(AVX2_ONLY) $(PY) -m pytest -q -p no:cacheprovider $(CPU_TESTS) $(ARGS)
 
 # The CUDA build check: where nvcc is on PATH, build the CUDA extension in
 # place for one architecture (sm_90) and check that it imports and registers

@@ -23,21 +23,24 @@ def _cuda_extension_line() -> str:
             f"architectures {archs or 'unknown'})")
 
 
-def _row_kernels_line() -> str:
-    """Whether the cpu backend's AVX-512 row kernels (float32 embedding) run."""
+def _cpu_lines() -> list:
+    """The cpu backend's SIMD level and whether its AVX-512 row kernels
+    (float32 embedding) run."""
     try:
         backends.get("cpu")  # loads lora_kernels._C when it is built
-        status = torch.ops.lora_kernels_cpu._row_kernels()
+        isa = torch.ops.lora_kernels_cpu._cpu_isa()
+        rows = torch.ops.lora_kernels_cpu._row_kernels()
     except Exception:  # the extension is not built
-        return "cpu row kernels: off (lora_kernels._C is not built)"
-    return f"cpu row kernels (float32 embedding): {status}"
+        return ["cpu SIMD: none (lora_kernels._C is not built)",
+                "cpu row kernels: off (lora_kernels._C is not built)"]
+    return [f"cpu SIMD: {isa}", f"cpu row kernels (float32 embedding): {rows}"]
 
 
 def report() -> str:
     lines = [f"lora_kernels {__version__}", f"torch {torch.__version__}",
              f"python {sys.version.split()[0]} ({platform.machine()})",
              f"requested backend: {backends.requested()}", _cuda_extension_line(),
-             _row_kernels_line()]
+             *_cpu_lines()]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         try:

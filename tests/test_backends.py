@@ -87,6 +87,17 @@ def test_info_says_whether_the_row_kernels_run():
         assert "LORA_KERNELS_CPU_SIMD=0" in line
 
 
+def test_info_reports_the_simd_level_and_its_cap():
+    import os
+
+    env = dict(os.environ, LORA_KERNELS_CPU_ISA="scalar")
+    out = subprocess.run([sys.executable, "-m", "lora_kernels.info"], capture_output=True,
+                         text=True, check=True, env=env).stdout
+    line = next(x for x in out.splitlines() if x.startswith("cpu SIMD"))
+    if "not built" not in line:
+        assert line.startswith("cpu SIMD: scalar"), line
+
+
 def test_backward_uses_the_backend_of_its_forward_on_another_thread():
     """Autograd runs CUDA backward on a device thread, which does not see the
     forward thread's use_backend(); the backward ops take the forward's choice."""

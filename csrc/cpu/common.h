@@ -75,6 +75,11 @@ inline MaskParams make_mask_params(const char* op, const Tensor& seed, double p)
 
 inline int64_t lane_stride(int64_t cols) { return philox::words_per_row(cols) * philox::kLanes; }
 
+// The x86 SIMD level the kernels use: the CPU's best, capped by
+// LORA_KERNELS_CPU_ISA (cpu_isa.cpp). Ordered: a level implies the ones below.
+enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+CpuIsa cpu_isa();
+
 // Philox output words of counters n0 .. n0+count-1, counter after counter
 // (dropout_mask.cpp: SIMD where the CPU has it; `isa` forces a variant, for
 // tests).

@@ -2,7 +2,8 @@
 // csrc/philox.h for the layout; lora_kernels/reference.py defines it), and
 // the masked multiply. The scalar loop of philox.h is the definition; the
 // AVX-512 and AVX2 versions below run 16 / 8 counters at once. Variants are
-// chosen once, at run time, from the CPU's features; all give the same bits.
+// chosen once, at run time, from cpu_isa() (the CPU's features, capped by
+// LORA_KERNELS_CPU_ISA); all give the same bits.
 #include "common.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -177,10 +178,8 @@ LK_MASK_MUL_VARIANT(mask_mul_avx512, __attribute__((target("avx512f,avx512bw,avx
 template <typename T>
 MaskMulFn<T> pick_mask_mul() {
 #ifdef LK_X86_SIMD
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return &mask_mul_avx512<T>;
-  if (__builtin_cpu_supports("avx2")) return &mask_mul_avx2<T>;
+  if (cpu_isa() >= CpuIsa::kAvx512) return &mask_mul_avx512<T>;
+  if (cpu_isa() >= CpuIsa::kAvx2) return &mask_mul_avx2<T>;
 #endif
   return &mask_mul_default<T>;
 }
@@ -189,9 +188,8 @@ using WordsFn = void (*)(uint64_t, uint64_t, int64_t, uint32_t*);
 
 WordsFn pick_words_fn() {
 #ifdef LK_X86_SIMD
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return &words_avx512;
-  if (__builtin_cpu_supports("avx2")) return &words_avx2;
+  if (cpu_isa() >= CpuIsa::kAvx512) return &words_avx512;
+  if (cpu_isa() >= CpuIsa::kAvx2) return &words_avx2;
 #endif
   return &philox::mask_words_range;
 }

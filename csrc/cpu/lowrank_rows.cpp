@@ -12,6 +12,8 @@
 // Tails (columns not a multiple of 16) use masked loads and stores.
 #include "lowrank_rows.h"
 
+#include "common.h"
+
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,6 +40,7 @@ const char* row_kernels_off_reason() {
   if (!has) return "this CPU has no AVX-512F";
   const char* env = std::getenv("LORA_KERNELS_CPU_SIMD");
   if (env && std::strcmp(env, "0") == 0) return "LORA_KERNELS_CPU_SIMD=0";
+  if (cpu_isa() < CpuIsa::kAvx512) return "LORA_KERNELS_CPU_ISA is below avx512";
   return nullptr;
 #else
   return "not an x86-64 build";

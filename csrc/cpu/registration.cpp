@@ -29,4 +29,6 @@ TORCH_LIBRARY(lora_kernels_cpu, m) {
   m.def("_philox_words(int seed, int n0, int count, int isa) -> Tensor");
   // Status of the AVX-512 row kernels (lowrank_rows.h), for lora_kernels.info.
   m.def("_row_kernels() -> str");
+  // The SIMD level of the CPU kernels (cpu_isa.cpp), for lora_kernels.info.
+  m.def("_cpu_isa() -> str");
 }
