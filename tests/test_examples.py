@@ -1,6 +1,12 @@
 """The runnable examples in python/ run and learn."""
 import importlib.util
 import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,3 +52,29 @@ def test_adalora_tiny_moves_the_budget_and_learns():
     first, last = history[0], history[-1]
     assert last[2] == 3 * 3 and sum(last[3]) == 9     # target_r 3 × 3 layers
     assert last[1] < 0.7 * first[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_fsdp_finetune_runs_under_torchrun(tmp_path):
+    out = tmp_path / "adapter"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(ROOT, "python", "fsdp_finetune.py"), "--steps", "3", "--hidden", "64",
+           "--seq", "8", "--batch", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    text = proc.stdout
+    assert "FSDP2 over 2 processes (gloo, cpu)" in text
+    assert "patch_peft fused 14 of 14 LoRA layers" in text
+    for r in (0, 1):
+        for k in ("peft", "patched"):
+            assert re.search(rf"^\s+{r} {k}\s+[\d.]+\s+[\d.]+\s+[\d.]+$", text, re.M), text
+    # Same start; only the dropout masks differ.
+    first = re.search(r"step\s+0\s+loss peft ([\d.]+)\s+loss patched ([\d.]+)", text)
+    assert abs(float(first[1]) - float(first[2])) < 0.05
+    from peft import PeftModel
+
+    base = _load("fsdp_finetune").build(
+        type("Args", (), dict(seed=0, vocab=64, hidden=64, layers=2, seq=8))())
+    loaded = PeftModel.from_pretrained(base, str(out))
+    assert sum("lora_A" in n for n, _ in loaded.named_parameters()) == 14
