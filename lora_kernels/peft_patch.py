@@ -42,16 +42,22 @@ exactly PEFT's dtype; the low-rank branch is computed as under
 ``torch.autocast`` to that dtype (fp32 accumulation, s = x·Aᵀ kept in fp32).
 When x's dtype differs from the weight's outside autocast, PEFT runs.
 
+FSDP2. ``fully_shard`` keeps parameters as DTensors outside forward and
+registers the gathered, plain ones for the forward, so a layer is patched
+whether ``patch_peft`` runs before or after ``fully_shard`` (also on layers
+FSDP2 wrapped one by one), and its fused forward sees plain tensors.
+
 Left to PEFT's own forward, per call: ``adapter_names=`` (mixed batches) or
 any other extra argument, merged layers, disabled adapters, no active adapter
 in the layer (PEFT then runs the base layer alone), an active adapter that is
 a LoRA variant (DoRA, aLoRA, …), AdaLoRA adapters of rank 0, base layers or
 LoRA sub-modules with forward hooks, a dropout module that is not
-``nn.Dropout``/``nn.Identity``. Never patched (reported by ``patch_peft``):
-layer types other than the ones above (quantized bnb/GPTQ/…, MultiheadAttention,
-ParamWrapper, other tuners), a base layer that is not a plain ``nn.Linear``/
-``Conv1D``/``nn.Embedding``/``nn.ConvNd`` with a plain floating weight
-(quantized, DTensor), layers whose every adapter is a variant, convs with
+``nn.Dropout``/``nn.Identity``, DTensor parameters inside forward (tensor
+parallelism). Never patched (reported by ``patch_peft``): layer types other
+than the ones above (quantized bnb/GPTQ/…, MultiheadAttention, ParamWrapper,
+other tuners), a base layer that is not a plain ``nn.Linear``/``Conv1D``/
+``nn.Embedding``/``nn.ConvNd`` with a floating weight (quantized), layers
+whose every adapter is a variant, convs with
 groups, dilation or non-zero padding modes, embeddings with ``max_norm``,
 ``sparse``, ``scale_grad_by_freq``, an ``embed_scale`` or tensor parallelism.
 """

@@ -334,6 +334,37 @@ def layers_meta_init():
     compare(full_grads(net), full_grads(ref), "gradient after meta init", atol=1e-6)
 
 
+@case
+def merge_on_any_placement():
+    """functional.merge_/unmerge_ on a DTensor W against the same merge of the
+    whole W: Shard(0), Shard(1) and Replicate, with fan_in_fan_out and groups
+    (shards that cut a group in two), A and B sharded or plain."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    g = torch.Generator().manual_seed(4)
+    for fifo in (False, True):
+        for enable in ([True], [True, False, True]):
+            out_f, in_f, r = 9 * len(enable), 7, 2
+            e = sum(enable)
+            W = torch.randn(*((in_f, out_f) if fifo else (out_f, in_f)), generator=g)
+            A = torch.randn(r * e, in_f, generator=g)
+            B = torch.randn(out_f // len(enable) * e, r, generator=g)
+            want = W.clone()
+            lk.functional.merge_(want, A, B, 0.7, fifo, enable)
+            for place in (Shard(0), Shard(1), Replicate()):
+                for ab in ("sharded", "plain"):
+                    Wd = distribute_tensor(W.clone(), mesh, [place])
+                    Ad, Bd = ((distribute_tensor(A, mesh, [Shard(0)]),
+                               distribute_tensor(B, mesh, [Shard(0)]))
+                              if ab == "sharded" else (A, B))
+                    what = f"fifo={fifo} enable={enable} {place} A/B {ab}"
+                    lk.functional.merge_(Wd, Ad, Bd, 0.7, fifo, enable)
+                    close(Wd.full_tensor(), want, f"merged, {what}", atol=1e-6)
+                    lk.functional.unmerge_(Wd, Ad, Bd, 0.7, fifo, enable)
+                    close(Wd.full_tensor(), W, f"unmerged, {what}", atol=1e-6)
+
+
 class ConvNet(nn.Module):
     """Convolutions whose merge views a sharded (out, in, k, k) weight as rows."""
 
