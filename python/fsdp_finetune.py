@@ -86,8 +86,13 @@ def held_mb(model, ids, labels):
     saved = {}
 
     def pack(t):
+        # FSDP2's gathered parameters are Parameters, saved as they are or as
+        # views (x·Wᵀ saves Wᵀ); it frees them after forward and gathers them
+        # again for backward, so they are not held.
+        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
+            return t
         st = t.untyped_storage()
-        if not isinstance(t, nn.Parameter) and st.data_ptr() not in params:
+        if st.data_ptr() not in params:
             saved[st.data_ptr()] = st.nbytes()
         return t
 
