@@ -27,13 +27,12 @@ import argparse
 import copy
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 import lora_kernels
+from peft_finetune import held_mb, timed_step  # python/ is on a script's path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -75,32 +74,6 @@ def shard(model, args):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return model
-
-
-def held_mb(model, ids, labels):
-    """MB autograd keeps for backward after one forward, parameters excluded
-    (FSDP2 saves its gathered parameters, which are not activations)."""
-    from torch.distributed.tensor import DTensor
-    params = {(p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr()
-              for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        # FSDP2's gathered parameters are Parameters, saved as they are or as
-        # views (x·Wᵀ saves Wᵀ); it frees them after forward and gathers them
-        # again for backward, so they are not held.
-        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
-            return t
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(saved.values()) / 2 ** 20
 
 
 def peak_mb(model, ids, labels):
@@ -180,19 +153,10 @@ def main(argv=None):
     for step in range(args.steps):
         ids, labels = next(data)
         for k in (names if step % 2 == 0 else names[::-1]):
-            m, opt = runs[k], opts[k]
-            torch.manual_seed(args.seed + 100 + step)  # the same dropout seeds draw
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = m(input_ids=ids, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t0)
-            losses[k].append(loss.item())
+            seconds, loss = timed_step(runs[k], opts[k], ids, labels, args.seed + 100 + step,
+                                       cuda)
+            times[k].append(seconds)
+            losses[k].append(loss)
         if rank == 0 and (step % max(1, args.steps // 5) == 0 or step == args.steps - 1):
             print(f"step {step:4d}  " + "  ".join(f"loss {k} {losses[k][-1]:.4f}" for k in names),
                   flush=True)

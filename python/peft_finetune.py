@@ -57,11 +57,19 @@ def batches(args, device):
 
 
 def held_mb(model, ids, labels):
-    """MB autograd keeps for backward after one forward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """MB autograd keeps for backward after one forward, parameters excluded:
+    saved as they are or as views (x·Wᵀ saves Wᵀ), and under FSDP2 (sharded
+    DTensors outside forward) also the gathered ones, which FSDP2 frees after
+    forward and gathers again for backward."""
+    from torch.distributed.tensor import DTensor
+
+    params = {(p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr()
+              for p in model.parameters()}
     saved = {}
 
     def pack(t):
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+            return t
         st = t.untyped_storage()
         if st.data_ptr() not in params:
             saved[st.data_ptr()] = st.nbytes()
@@ -72,6 +80,22 @@ def held_mb(model, ids, labels):
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(saved.values()) / 2 ** 20
+
+
+def timed_step(model, opt, ids, labels, seed, cuda):
+    """(seconds, loss) of one training step; ``seed`` is set first, so every
+    variant draws the same dropout seeds."""
+    torch.manual_seed(seed)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, loss.item()
 
 
 def main(argv=None):
@@ -130,19 +154,10 @@ def main(argv=None):
     for step in range(args.steps):
         ids, labels = next(data)
         for k in (("peft", "patched") if step % 2 == 0 else ("patched", "peft")):
-            m, opt = runs[k], opts[k]
-            torch.manual_seed(args.seed + 100 + step)  # the same dropout seeds draw
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = m(input_ids=ids, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t0)
-            losses[k].append(loss.item())
+            seconds, loss = timed_step(runs[k], opts[k], ids, labels, args.seed + 100 + step,
+                                       device.type == "cuda")
+            times[k].append(seconds)
+            losses[k].append(loss)
         if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss peft {losses['peft'][-1]:.4f}  "
                   f"patched {losses['patched'][-1]:.4f}")

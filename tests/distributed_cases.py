@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import sys
 import traceback
@@ -487,14 +486,20 @@ def _peft_sharded(when, **kw):
     return model, ref
 
 
-def _peft_gradients(when):
-    model, ref = _peft_sharded(when)
+def _same_gradients(model, ref):
+    """One step of the sharded, patched ``model`` on this rank's half runs
+    fused and gives the gradients of unpatched ``ref`` on the whole batch."""
     ids = llama_ids()
     FUSED.clear()
     peft_loss(model, my_half(ids)).backward()
     assert len(FUSED) == 14, f"{len(FUSED)} fused calls, expected 14"
     peft_loss(ref, ids).backward()
     compare(full_grads(model), full_grads(ref), "PEFT LoRA gradient", atol=1e-6)
+
+
+def _peft_gradients(when):
+    model, ref = _peft_sharded(when)
+    _same_gradients(model, ref)
     return model, ref
 
 
@@ -526,12 +531,7 @@ def peft_layers_sharded_one_by_one():
     fully_shard(model)
     report = lk.patch_peft(model, verbose=False)
     assert len(report.patched) == 14 and not report.deferred, report.as_dict()
-    ids = llama_ids()
-    FUSED.clear()
-    peft_loss(model, my_half(ids)).backward()
-    assert len(FUSED) == 14, f"{len(FUSED)} fused calls, expected 14"
-    peft_loss(ref, ids).backward()
-    compare(full_grads(model), full_grads(ref), "PEFT LoRA gradient", atol=1e-6)
+    _same_gradients(model, ref)
 
 
 @case

@@ -12,6 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name):
+    if os.path.join(ROOT, "python") not in sys.path:  # the examples import each other
+        sys.path.insert(0, os.path.join(ROOT, "python"))
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "python", name + ".py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
