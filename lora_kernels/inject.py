@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import distributed
 from . import functional as LF
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer
 from .utils import _check_bias, mark_only_lora_as_trainable
@@ -268,6 +269,12 @@ def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bi
             warnings.warn(f"fan_in_fan_out={fan_in_fan_out} does not fit {name!r} "
                           f"({type(module).__name__}); using fan_in_fan_out={fifo}, as PEFT does")
         matched[id(module)] = _Plan([name], module, kind, rr, aa, fifo)
+    sharded = [p.names[0] for p in matched.values()
+               if any(distributed.is_dtensor(t) for t in p.module.parameters())]
+    if sharded:
+        _fail("model", f"a model whose layers are sharded (DTensor weights in "
+              f"{sharded[0]!r}, e.g. by fully_shard)", "an unsharded model: inject LoRA "
+              "layers first, then shard (as with get_peft_model)")
     if already:
         _fail("target_modules", target_modules, "modules that are not LoRA layers already; "
               f"these are: {', '.join(map(repr, already[:5]))}")

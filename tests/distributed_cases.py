@@ -404,6 +404,21 @@ def layers_conv():
 
 
 @case
+def inject_refuses_a_sharded_model():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    fully_shard(model[0])
+    fully_shard(model)
+    try:
+        lk.inject(model, ["0", "2"], r=2)
+    except ValueError as e:
+        assert "inject LoRA layers first, then shard" in str(e), e
+    else:
+        raise AssertionError("inject changed a sharded model")
+    assert all(type(m) in (nn.Linear, nn.Tanh) or "FSDP" in type(m).__name__
+               for m in model), "a layer was replaced"
+
+
+@case
 def layers_ddp():
     from torch.nn.parallel import DistributedDataParallel as DDP
     net = make_net()
