@@ -98,6 +98,15 @@ def test_functional_shape_errors():
     with pytest.raises(ValueError):
         F.merge_(w, torch.randn(2, 4), torch.randn(4, 2), 1.0)
     assert torch.equal(w, before)
+    # a conv weight merges as (B·A).view(W.shape); a size that does not fit is refused
+    conv_w = torch.randn(6, 2, 3)
+    with pytest.raises(ValueError, match=r"weight.shape: got \(6, 2, 3\), expected a 2-D "
+                                         r"weight, or a conv weight of lora_B.shape\[0\]"):
+        F.merge_(conv_w, torch.randn(2, 6), torch.randn(5, 2), 1.0)
+    A, B = torch.randn(2, 6), torch.randn(6, 2)
+    merged = conv_w.clone()
+    F.merge_(merged, A, B, 0.5)
+    torch.testing.assert_close(merged, conv_w + 0.5 * (B @ A).view(6, 2, 3))
 
 
 def test_bad_kernel_size():
