@@ -550,6 +550,20 @@ def peft_layers_sharded_one_by_one():
 
 
 @case
+def peft_ddp():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = make_peft()
+    ref = copy.deepcopy(model)
+    assert len(lk.patch_peft(model, verbose=False).patched) == 14
+    ids = llama_ids()
+    FUSED.clear()
+    peft_loss(DDP(model), my_half(ids)).backward()
+    assert len(FUSED) == 14, f"{len(FUSED)} fused calls, expected 14"
+    peft_loss(ref, ids).backward()
+    compare(full_grads(model), full_grads(ref), "DDP PEFT LoRA gradient", atol=1e-6)
+
+
+@case
 def peft_mixed_precision():
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     model, ref = _peft_sharded("after", mp_policy=mp)
