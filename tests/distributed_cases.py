@@ -555,9 +555,10 @@ def peft_ddp():
     model = make_peft()
     ref = copy.deepcopy(model)
     assert len(lk.patch_peft(model, verbose=False).patched) == 14
+    ddp = DDP(model)  # (kept alive through backward: its reducer all-reduces there)
     ids = llama_ids()
     FUSED.clear()
-    peft_loss(DDP(model), my_half(ids)).backward()
+    peft_loss(ddp, my_half(ids)).backward()
     assert len(FUSED) == 14, f"{len(FUSED)} fused calls, expected 14"
     peft_loss(ref, ids).backward()
     compare(full_grads(model), full_grads(ref), "DDP PEFT LoRA gradient", atol=1e-6)
