@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.14.1
 STAMP  := $(VENV)/.lora_kernels-installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp)
 
 .PHONY: setup bench test cuda-check info clean
 
@@ -37,14 +37,18 @@ test: $(STAMP) cuda-check
 
 # The CUDA build check: where nvcc is on PATH, build the CUDA extension in
 # place for one architecture (sm_90) and check that it imports and registers
-# a CUDA kernel for every op (no GPU needed). Without nvcc it is skipped.
+# a CUDA kernel for every op, as the dispatcher's kernel of the lora_kernels
+# op and as the cuda backend's (merge_ is a Python op that calls the latter;
+# no GPU needed). Without nvcc it is skipped.
 NVCC := $(shell command -v nvcc 2>/dev/null)
 CUDA_OPS := lora_linear_fwd lora_linear_bwd lora_embedding_fwd lora_embedding_bwd merge_ dropout
 define CUDA_CHECK_PY
 import sys, torch
+import lora_kernels
 import lora_kernels._C_cuda as ext
-missing = [op for op in sys.argv[1:]
-           if not torch._C._dispatch_has_kernel_for_dispatch_key("lora_kernels_cuda::" + op, "CUDA")]
+missing = [ns + op for op in sys.argv[1:] for ns in ("lora_kernels::", "lora_kernels_cuda::")
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(ns + op, "CUDA")
+           and not (ns == "lora_kernels::" and op == "merge_")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print(f"cuda-check: lora_kernels._C_cuda (CUDA {ext.cuda_version}, TORCH_CUDA_ARCH_LIST={ext.arch_list})"
       f" registers a CUDA kernel for {len(sys.argv) - 1} ops")

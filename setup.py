@@ -52,7 +52,10 @@ def cpu_extension():
     cxx += ["-fopenmp"]
     return CppExtension(
         name="lora_kernels._C",
-        sources=_rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
+        # csrc/*.cpp: the lora_kernels library, its autograd and composites
+        # (device-independent); csrc/cpu: the CPU kernels.
+        sources=_rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+                     + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],

@@ -4,7 +4,8 @@
 // only, so they are entered with autograd still on and with inputs that may
 // require grad. below_autograd<&impl> opens AutoDispatchBelowAutograd (nested
 // ATen calls on this thread skip autograd, as in ATen's own kernels) and
-// passes `impl` detached aliases of its tensors: at::parallel_for's worker
+// passes `impl` detached aliases of the tensors that require grad:
+// at::parallel_for's worker
 // threads (CPU) do not inherit the dispatch guard, and plain tensors keep
 // nested out= / in-place calls legal there too. Aliases share storage and
 // version counter, so merge_ still updates the caller's weight in place.
@@ -21,13 +22,16 @@ namespace lora_kernels {
 
 // An op argument as impl gets it: a detached alias of a tensor, anything
 // else as it is.
+// (Only tensors that require grad are detached: the others are plain data
+// already, and a detach costs a TensorImpl.)
 template <typename T>
 auto plain(const T& v) {
   if constexpr (std::is_same_v<T, at::Tensor>) {
-    return v.defined() ? v.detach() : v;
+    return (v.defined() && v.requires_grad()) ? v.detach() : v;
   } else if constexpr (std::is_same_v<T, std::optional<at::Tensor>>) {
-    return (v.has_value() && v->defined()) ? std::optional<at::Tensor>(v->detach())
-                                           : std::nullopt;
+    return (v.has_value() && v->defined() && v->requires_grad())
+               ? std::optional<at::Tensor>(v->detach())
+               : v;
   } else {
     return v;
   }

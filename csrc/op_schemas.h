@@ -1,8 +1,16 @@
-// The schemas of the lora_kernels ops (the op contract in lora_kernels/ops.py),
-// defined alike by both backends' libraries: lora_kernels_cpu
-// (csrc/cpu/registration.cpp) and lora_kernels_cuda
-// (csrc/cuda/registration.cpp). Each op's kernel is registered in its own
-// file with TORCH_LIBRARY_IMPL.
+// The schemas of the ops (the op contract: lora_kernels/ops.py).
+//
+// define_ops: the lora_kernels library (csrc/library.cpp), the ops users and
+// layers call. Each op's kernels are registered in the files named after it:
+// the CPU kernel in csrc/cpu/<op>.cpp, the CUDA kernel in csrc/cuda/<op>.cpp,
+// the autograd (and the user-facing composites) in csrc/<op>.cpp; the
+// dispatcher picks the kernel from the tensors' device. merge_, unmerge_ and
+// merged_weight, which run once per train()/eval() switch rather than per
+// step, are defined in Python (lora_kernels/ops.py).
+//
+// define_backend_ops: the same kernels as one backend's library
+// (lora_kernels_cpu, lora_kernels_cuda), which the Python backend registry
+// calls when a backend is asked for by name (use_backend, tests).
 #pragma once
 
 #include <torch/library.h>
@@ -10,6 +18,38 @@
 namespace lora_kernels {
 
 inline void define_ops(torch::Library& m) {
+  // The kernels: what a backend implements.
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, int num_groups, "
+      "int[] groups) -> (Tensor, Tensor)");
+  m.def(
+      "lora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor s, Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, "
+      "int num_groups, int[] groups, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+  // (padding_idx is for the backward; the forward ignores it)
+  m.def(
+      "lora_embedding_fwd(Tensor indices, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "float scaling, int padding_idx) -> (Tensor, Tensor)");
+  m.def(
+      "lora_embedding_bwd(Tensor grad, Tensor indices, Tensor weight, Tensor lora_A, "
+      "Tensor lora_B, Tensor s, float scaling, int padding_idx, bool[] output_mask) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
+  // The user-facing composites the layers call (csrc/lora_linear.cpp,
+  // csrc/lora_embedding.cpp): argument checks, the dropout seed, any leading
+  // batch dimensions; then the kernels above.
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scaling, float dropout_p, bool training, bool fan_in_fan_out, int num_groups, "
+      "int[] groups) -> Tensor");
+  m.def(
+      "lora_embedding(Tensor indices, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "float scaling, int? padding_idx) -> Tensor");
+}
+
+inline void define_backend_ops(torch::Library& m) {
   m.def(
       "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
       "Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, int num_groups, "

@@ -1,4 +1,4 @@
-"""Functional LoRA: argument checks, then the ``lora_kernels`` ops.
+"""Functional LoRA: the ``lora_kernels`` ops with Python's conveniences.
 
 These are what the modules call; they can also be used directly::
 
@@ -9,17 +9,25 @@ Inputs may have any number of leading batch dimensions. A dropout seed is
 drawn from the default generator of x's device on every training forward with
 dropout, so ``torch.manual_seed`` makes runs repeatable and activation
 checkpointing's recompute (which restores the RNG state) regenerates the same
-mask.
+mask. Under ``torch.autocast`` the operands are cast to the autocast dtype.
+
+With the compiled extension, ``lora_linear``/``lora_grouped_linear`` and
+``lora_embedding`` are one call of the C++ composite ops
+``torch.ops.lora_kernels.lora_linear``/``lora_embedding``
+(``csrc/lora_linear.cpp``, ``csrc/lora_embedding.cpp``), which do all of the
+above. ``_linear_composite``/``_embedding_composite`` below are the same in
+Python: they run without the extension, and when a backend is asked for by
+name (the ops' Python routes, ``lora_kernels.ops``).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import distributed
-from . import ops  # noqa: F401  (registers torch.ops.lora_kernels)
+from . import ops
 
 _lk = torch.ops.lora_kernels
 
@@ -34,14 +42,15 @@ def check_dropout(p) -> float:
     return float(p)
 
 
-def _check_same(x: Tensor, others) -> None:
+def _check_same(x: Tensor, others, x_name: str = "x") -> None:
     for name, t in others:
         if t is None:
             continue
         if t.device != x.device:
-            _fail(f"{name}.device", t.device, f"x's device {x.device}")
+            _fail(f"{name}.device", t.device, f"{x_name}'s device {x.device}")
         if t.dtype != x.dtype:
-            _fail(f"{name}.dtype", t.dtype, f"x's dtype {x.dtype} (cast x or the layer)")
+            cast = " (cast x or the layer)" if x_name == "x" else ""
+            _fail(f"{name}.dtype", t.dtype, f"{x_name}'s dtype {x.dtype}{cast}")
 
 
 def draw_seed(device) -> Tensor:
@@ -75,9 +84,21 @@ def lora_grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     """MergedLinear's form: out features in ``len(enable_lora)`` equal groups,
     each enabled group with its own rank-r update (A: r·E×in, B: out/G·E×r)."""
     dropout_p = check_dropout(dropout_p)
-    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     groups = enabled_groups(enable_lora)
-    num_groups = len(enable_lora)
+    if ops.NATIVE:
+        return _lk.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p,
+                               bool(training), bool(fan_in_fan_out), len(enable_lora), groups)
+    return _linear_composite(_lk.lora_linear_fwd, x, weight, bias, lora_A, lora_B,
+                             float(scaling), dropout_p, bool(training), bool(fan_in_fan_out),
+                             len(enable_lora), groups)
+
+
+def _linear_composite(fwd, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                      lora_B: Tensor, scaling: float, dropout_p: float, training: bool,
+                      fan_in_fan_out: bool, num_groups: int, groups: List[int]) -> Tensor:
+    """The lora_linear op in Python, with ``fwd`` as lora_linear_fwd."""
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
+    check_dropout(dropout_p)
     if weight.dim() != 2:
         _fail("weight.dim()", weight.dim(), 2)
     out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
@@ -100,8 +121,8 @@ def lora_grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     seed = draw_seed(x.device) if p > 0 else _no_seed(x)
     x2 = x.reshape(-1, in_f)
     weight, fan_in_fan_out = _standard_layout(weight, fan_in_fan_out)
-    y, _ = _lk.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, float(scaling), p,
-                               fan_in_fan_out, num_groups, groups)
+    y, _ = fwd(x2, weight, bias, lora_A, lora_B, seed, float(scaling), p, fan_in_fan_out,
+               num_groups, list(groups))
     return _unflatten(y, (*x.shape[:-1], out_f))
 
 
@@ -116,15 +137,26 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 def lora_embedding(indices: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                    scaling: float, padding_idx: Optional[int] = None) -> Tensor:
     """``W[idx] + scaling·Aᵀ[idx]·Bᵀ`` (A: r×num_embeddings, B: embedding_dim×r)."""
+    if ops.NATIVE:
+        return _lk.lora_embedding(indices, weight, lora_A, lora_B, float(scaling), padding_idx)
+    return _embedding_composite(_lk.lora_embedding_fwd, indices, weight, lora_A, lora_B,
+                                float(scaling), padding_idx)
+
+
+def _embedding_composite(fwd, indices: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                         scaling: float, padding_idx: Optional[int]) -> Tensor:
+    """The lora_embedding op in Python, with ``fwd`` as lora_embedding_fwd."""
     if indices.dtype not in (torch.int64, torch.int32):
         _fail("indices.dtype", indices.dtype, "torch.int64 or torch.int32")
+    if weight.dim() != 2:
+        _fail("weight.dim()", weight.dim(), 2)
     num, dim = weight.shape
-    r = lora_A.shape[0]
-    if lora_A.shape != (r, num) or r == 0:
+    r = lora_A.shape[0] if lora_A.dim() == 2 else 0
+    if lora_A.dim() != 2 or lora_A.shape != (r, num) or r == 0:
         _fail("lora_A.shape", tuple(lora_A.shape), f"(r, {num})")
     if lora_B.shape != (dim, r):
         _fail("lora_B.shape", tuple(lora_B.shape), (dim, r))
-    _check_same(weight, [("lora_A", lora_A), ("lora_B", lora_B)])
+    _check_same(weight, [("lora_A", lora_A), ("lora_B", lora_B)], "weight")
     if indices.device != weight.device:
         _fail("indices.device", indices.device, f"weight's device {weight.device}")
     flat = indices.reshape(-1).long()
@@ -134,7 +166,7 @@ def lora_embedding(indices: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tens
         if lo < 0 or hi >= num:
             _fail("indices", f"values in [{lo}, {hi}]", f"values in [0, {num - 1}]")
     pad = -1 if padding_idx is None else padding_idx % num
-    y, _ = _lk.lora_embedding_fwd(flat, weight, lora_A, lora_B, float(scaling), pad)
+    y, _ = fwd(flat, weight, lora_A, lora_B, float(scaling), pad)
     return _unflatten(y, (*indices.shape, dim))
 
 
@@ -228,3 +260,12 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if not training or p == 0.0:
         return x
     return _lk.dropout(x.contiguous(), draw_seed(x.device), p)
+
+
+# The composites are the routes of the C++ composite ops when a backend is
+# asked for by name: they call the kernels' own routes (that backend).
+if ops.NATIVE:
+    ops._route(_lk.lora_linear.default,
+               lambda *a: _linear_composite(ops.ROUTES[ops.lora_linear_fwd], *a))
+    ops._route(_lk.lora_embedding.default,
+               lambda *a: _embedding_composite(ops.ROUTES[ops.lora_embedding_fwd], *a))

@@ -1,18 +1,34 @@
 """The op surface: every kernel is reached through these ``lora_kernels`` ops.
 
-Each op is defined in the ``lora_kernels`` torch.library with a fake (meta)
-kernel, so torch.compile and meta-device tracing see shapes without running
-anything, and the differentiable ones have an autograd kernel (an
-``autograd.Function`` registered to the Autograd key, the pattern opcheck
-asks for). The ops are defined with the ``torch.library.Library`` API rather
-than the ``custom_op`` decorator (only merge_/unmerge_ use it, see there):
-the decorator's wrappers cost a fixed ~0.2 ms per layer step (forward +
-backward) once the interpreter's caches are cold, which is how a layer runs
-inside a model. The real work is done by the
-backend that ``lora_kernels.backends.for_device`` picks for the tensors'
-device (see that module); every backend implements the same functions with
-the same arguments:
+The ops are defined by the compiled extension ``lora_kernels._C``
+(``csrc/op_schemas.h``), and the dispatcher picks each op's kernel from the
+tensors' device, as PyTorch's own ops do: a training step with plain tensors
+runs only C++ below the module (``csrc/lora_linear.cpp``: the user-facing
+composite ``lora_linear`` with its argument checks and dropout seed, the
+autograd of ``lora_linear_fwd``, and the device kernel). This module adds
+what Python has to:
 
+* the fake (meta) kernels, so torch.compile and meta-device tracing see
+  shapes without running anything;
+* a fallback kernel for devices without a C++ one (CUDA without the CUDA
+  extension: the Triton backend; anything else: the reference), which picks
+  the backend with ``lora_kernels.backends.for_device``;
+* the ops that run once per train()/eval() switch: ``merge_``/``unmerge_``
+  (``custom_op``s, which also bump W's version counter) and
+  ``merged_weight``;
+* the Python routes used when a backend is asked for by name: under
+  ``use_backend(name)`` a TorchFunctionMode (``_Route``) sends the ops
+  through the autograd.Functions below, which run that backend and keep it
+  for their backward (also on autograd's device thread); with
+  ``LORA_KERNELS_BACKEND`` set when lora_kernels is imported, the device
+  kernels of the ops are that backend's, for the whole process. Asking for a
+  device's own C++ backend (cpu on CPU tensors, cuda on CUDA tensors) takes
+  the C++ path.
+
+Without the compiled extension every op is defined here, with these Python
+autograd.Functions on the Autograd key and the reference backend.
+
+The backends implement the same functions with the same arguments:
 ``lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
 fan_in_fan_out, num_groups, groups) -> (y, s)``
     ``x`` is 2-D (tokens, in), any strides. ``weight`` is (out, in), or
@@ -44,16 +60,35 @@ padding_idx, output_mask) -> (dweight, dA, dB)``
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+import warnings
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
 
 from . import backends
 
+try:
+    from . import _C  # noqa: F401  (defines the lora_kernels library: the C++ path)
+    NATIVE = True
+except ImportError:  # not built: the ops are defined here, on the reference backend
+    NATIVE = False
+if NATIVE:
+    try:  # the CUDA kernels, where the CUDA extension is built (LORA_KERNELS_CUDA=1)
+        from . import _C_cuda  # noqa: F401
+    except ImportError:
+        pass
+
 _NS = "lora_kernels"
-_LIB = torch.library.Library(_NS, "DEF")
+_LIB = torch.library.Library(_NS, "FRAGMENT")
+# The ops the compiled extension defines (csrc/op_schemas.h); the others
+# (merge_, unmerge_, merged_weight) are always defined here.
+_NATIVE_OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_embedding_fwd",
+               "lora_embedding_bwd", "dropout", "lora_linear", "lora_embedding")
+# op -> its Python route, used when a backend is asked for by name (_Route).
+ROUTES: Dict[object, Callable] = {}
 
 
 def lowrank_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,29 +105,42 @@ def _empty(like: Tensor) -> Tensor:
 
 
 def _define(schema: str, impl, fake):
-    """Define ``lora_kernels::<schema>`` with ``impl`` as its kernel on every
-    device (``impl`` picks the backend) and ``fake`` as its fake kernel;
-    returns the op (its default overload)."""
+    """The op ``lora_kernels::<schema>`` with ``impl`` as its kernel for the
+    devices that have no C++ one (``impl`` picks the backend;
+    CompositeExplicitAutograd: every device, when the op is defined here) and
+    ``fake`` as its fake kernel; returns the op (its default overload)."""
     name = schema.split("(", 1)[0]
-    _LIB.define(schema)
+    if not (NATIVE and name in _NATIVE_OPS):
+        _LIB.define(schema)
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{_NS}::{name}", fake, lib=_LIB)
-    return getattr(getattr(torch.ops, _NS), name).default
+    op = getattr(getattr(torch.ops, _NS), name).default
+    _route(op, lambda *args: _run(op, impl, *args))
+    return op
 
 
-def _register_autograd(op, function, differentiable_args) -> None:
-    """Make ``function.apply`` (an autograd.Function whose forward calls
-    ``op`` below autograd) the op's autograd kernel; calls that need no graph
-    (grad mode off, or no tensor among ``differentiable_args`` positions
-    requiring grad) go straight below autograd."""
+def _route(op, fn) -> None:
+    """``fn`` runs ``op`` when a backend is asked for by name (see _Route)."""
+    ROUTES[op] = fn
+    ROUTES[op.overloadpacket] = fn
+
+
+def _register_autograd(op, function, differentiable_args, impl) -> None:
+    """The Python autograd of ``op``: ``function.apply`` (an autograd.Function
+    whose forward runs ``impl``, the backend asked for, below autograd) when
+    a graph is needed, ``impl`` directly otherwise. It is the op's route for
+    a backend asked for by name, and, when the op is defined here, its
+    autograd kernel (the compiled extension has its own, in C++)."""
     def autograd_kernel(*args):
         if torch.is_grad_enabled() and any(
                 args[i] is not None and args[i].requires_grad for i in differentiable_args):
             return function.apply(*args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
+        return _run(op, impl, *args)
 
-    _LIB.impl(op._schema.name.split("::", 1)[1], autograd_kernel, "Autograd")
+    _route(op, autograd_kernel)
+    name = op._schema.name.split("::", 1)[1]
+    if not (NATIVE and name in _NATIVE_OPS):
+        _LIB.impl(name, autograd_kernel, "Autograd")
 
 
 def _below_autograd(op, *args):
@@ -214,7 +262,7 @@ class _LinearFunction(torch.autograd.Function):
         return _asked(grads, ctx.output_mask) + (None,) * 6
 
 
-_register_autograd(lora_linear_fwd, _LinearFunction, (0, 1, 2, 3, 4))
+_register_autograd(lora_linear_fwd, _LinearFunction, (0, 1, 2, 3, 4), _linear_fwd_impl)
 
 
 # ---------------------------------------------------------------------------
@@ -288,7 +336,7 @@ class _EmbeddingFunction(torch.autograd.Function):
         return (None,) + _asked(grads, ctx.output_mask) + (None, None)
 
 
-_register_autograd(lora_embedding_fwd, _EmbeddingFunction, (1, 2, 3))
+_register_autograd(lora_embedding_fwd, _EmbeddingFunction, (1, 2, 3), _embedding_fwd_impl)
 
 
 # ---------------------------------------------------------------------------
@@ -360,7 +408,7 @@ class _MergedWeightFunction(torch.autograd.Function):
                 None)
 
 
-_register_autograd(merged_weight, _MergedWeightFunction, (0, 1, 2))
+_register_autograd(merged_weight, _MergedWeightFunction, (0, 1, 2), _merged_weight_impl)
 
 
 def _dropout_impl(x, seed, p):
@@ -378,7 +426,7 @@ dropout = _define("dropout(Tensor x, Tensor seed, float p) -> Tensor", _dropout_
 class _DropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, seed, p):
-        out = _below_autograd(dropout, x, seed, p)
+        out = _run(dropout, _dropout_impl, x, seed, p)
         ctx.p = p
         ctx.save_for_backward(seed)
         ctx.backend = backends.requested()
@@ -392,11 +440,76 @@ class _DropoutFunction(torch.autograd.Function):
             return dropout(grad.contiguous(), seed, ctx.p), None, None
 
 
-_register_autograd(dropout, _DropoutFunction, (0,))
+_register_autograd(dropout, _DropoutFunction, (0,), _dropout_impl)
 
 
 OPS: Sequence = (lora_linear_fwd, lora_linear_bwd, lora_embedding_fwd, lora_embedding_bwd,
                  merge_, unmerge_, merged_weight, dropout)
+
+
+# ---------------------------------------------------------------------------
+# A backend asked for by name
+# ---------------------------------------------------------------------------
+
+def _native_backend(device: torch.device):
+    """The backend whose C++ kernels the dispatcher runs on ``device``."""
+    if not NATIVE:
+        return None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and not backends.reasons("cuda", device):
+        return "cuda"
+    return None
+
+
+def _device_of(args):
+    for a in args:
+        if isinstance(a, Tensor):
+            return a.device
+    return None
+
+
+class _Route(TorchFunctionMode):
+    """Pushed by ``use_backend(name)``: the lora_kernels ops run through their
+    Python routes (the autograd.Functions above, on backend ``name``, kept for
+    backward) unless ``name`` is auto or the device's own C++ backend, where
+    they take the C++ path. Everything else passes through.""" 
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        route = ROUTES.get(func)
+        # While torch.compile traces, the op itself goes into the graph; the
+        # compiled code's op calls come through here again when they run.
+        if route is not None and not torch.compiler.is_compiling():
+            name = backends.requested()
+            device = _device_of(args)
+            if name != "auto" and (device is None or name != _native_backend(device)):
+                return route(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+backends.set_route_mode(_Route)
+
+
+def _route_devices_to_env_backend() -> None:
+    """``LORA_KERNELS_BACKEND`` set when lora_kernels is imported: the CPU and
+    CUDA kernels of the ops become that backend's, for the whole process
+    (the C++ autograd above them stays, so backward runs it too)."""
+    name = backends.env_choice()
+    if not NATIVE or name == "auto":
+        return
+    impls = {"lora_linear_fwd": _linear_fwd_impl, "lora_linear_bwd": _linear_bwd_impl,
+             "lora_embedding_fwd": _embedding_fwd_impl, "lora_embedding_bwd": _embedding_bwd_impl,
+             "dropout": _dropout_impl}
+    with warnings.catch_warnings():  # "overriding a previously registered kernel"
+        warnings.simplefilter("ignore")
+        for key, native in (("CPU", "cpu"), ("CUDA", "cuda")):
+            if name != native:
+                for op, impl in impls.items():
+                    _LIB.impl(op, impl, key)
+
+
+_route_devices_to_env_backend()
 
 
 # ---------------------------------------------------------------------------

@@ -16,15 +16,36 @@ def test_use_backend_rejects_unknown_names():
             pass
 
 
-def test_env_var_is_validated(monkeypatch):
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "gpu")
-    with pytest.raises(ValueError, match=r"LORA_KERNELS_BACKEND: got 'gpu'"):
-        backends.requested()
+def _python(code: str, **env):
+    """Run ``code`` in a fresh interpreter (LORA_KERNELS_BACKEND is read when
+    lora_kernels is imported); its stdout, stderr and exit code."""
+    import os
+    full = dict(os.environ, **env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full)
+    return proc.stdout, proc.stderr, proc.returncode
 
 
-def test_env_var_selects_the_reference(monkeypatch):
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "reference")
-    assert backends.resolved_name("cpu") == "reference"
+def test_env_var_is_validated():
+    _, err, rc = _python("import lora_kernels", LORA_KERNELS_BACKEND="gpu")
+    assert rc != 0 and "LORA_KERNELS_BACKEND: got 'gpu', expected one of auto" in err
+
+
+def test_env_var_selects_the_reference_for_forward_and_backward():
+    """With LORA_KERNELS_BACKEND=reference at import, the dispatcher's CPU
+    kernels are the reference backend's: a layer's forward and backward run it."""
+    out, err, rc = _python(
+        "import torch, lora_kernels as lk\n"
+        "from lora_kernels import backends\n"
+        "ref = backends.get('reference')\n"
+        "calls = []\n"
+        "for n in ('lora_linear_fwd', 'lora_linear_bwd'):\n"
+        "    f = getattr(ref, n)\n"
+        "    setattr(ref, n, lambda *a, _n=n, _f=f: (calls.append(_n), _f(*a))[1])\n"
+        "layer = lk.Linear(6, 4, r=2, lora_dropout=0.1)\n"
+        "layer(torch.randn(3, 6)).sum().backward()\n"
+        "print(backends.resolved_name('cpu'), calls)\n", LORA_KERNELS_BACKEND="reference")
+    assert rc == 0, err
+    assert out.strip() == "reference ['lora_linear_fwd', 'lora_linear_bwd']"
 
 
 def test_forcing_an_unavailable_backend_raises_with_reasons(monkeypatch):
@@ -52,18 +73,25 @@ def test_use_backend_nests_and_restores():
     assert backends.requested() == "auto"
 
 
-def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch):
-    from lora_kernels.backends import cpu
-    monkeypatch.setattr(cpu, "_IMPORT_ERROR", ImportError("not built"))
-    monkeypatch.setattr(backends, "_warned", set())
-    layer = lk.Linear(4, 3, r=2)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        layer(torch.randn(2, 4))
-        layer(torch.randn(2, 4))
-    msgs = [str(w.message) for w in caught if "unfused reference" in str(w.message)]
-    assert len(msgs) == 1 and "not built" in msgs[0]
-    assert backends.resolved_name("cpu") == "reference"
+def test_missing_extension_falls_back_to_reference_with_one_warning():
+    """Without the compiled extension the ops are defined in Python and run on
+    the reference backend, with one warning saying why."""
+    out, err, rc = _python(
+        "import sys, warnings\n"
+        "sys.modules['lora_kernels._C'] = None  # import fails: as if not built\n"
+        "import torch, lora_kernels as lk\n"
+        "from lora_kernels import backends, ops\n"
+        "layer = lk.Linear(4, 3, r=2, lora_dropout=0.1)\n"
+        "torch.nn.init.normal_(layer.lora_B)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    layer(torch.randn(2, 4)).sum().backward()\n"
+        "    layer(torch.randn(2, 4))\n"
+        "msgs = [str(w.message) for w in caught if 'unfused reference' in str(w.message)]\n"
+        "print(ops.NATIVE, len(msgs), 'not built' in msgs[0], backends.resolved_name('cpu'),\n"
+        "      layer.lora_A.grad is not None)\n")
+    assert rc == 0, err
+    assert out.split() == ["False", "1", "True", "reference", "True"]
 
 
 def test_info_lists_every_backend():

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../op_checks.h"
@@ -49,7 +50,7 @@ inline uint64_t read_seed(const char* op, const Tensor& seed) {
   check_seed(op, seed);
   TORCH_CHECK(seed.device().is_cpu(), op, ": seed must be a CPU tensor, got device ",
               seed.device());
-  return static_cast<uint64_t>(seed.item<int64_t>());
+  return static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());  // no item(): no dispatch
 }
 
 // The dropout mask of one op call (reference.py: threshold = round(p·2¹⁶),
@@ -114,32 +115,25 @@ struct LaneMask {
         scale(m.threshold > 0xFFFFu ? T(0) : static_cast<T>(m.scale)) {}
 };
 
-// buf[i, j] *= mask(i, j) over a rows x cols block (buf row stride ld).
-template <typename T>
-inline void apply_mask_inplace(T* buf, int64_t ld, const uint16_t* lanes, int64_t lane_ld,
-                               int64_t rows, int64_t cols, const LaneMask<T>& mask) {
-  for (int64_t i = 0; i < rows; ++i)
-    mask_mul(buf + i * ld, buf + i * ld, lanes + i * lane_ld, cols, mask.thr, mask.scale);
-}
-
-// buf (rows x cols, contiguous) = src in acc_t, times the mask when `lanes`
-// is given. src is any 2-D view: rows with unit column stride and src's
-// dtype are read directly, anything else goes through ATen's strided,
-// converting copy first.
+// Rows [r0, r0 + n) of x (row stride xs0, column stride xs1), times the
+// mask when `lanes` is given, in the low-rank dtype: into buf (n × in,
+// contiguous). Plain loops and the SIMD mask multiply, no ATen calls.
 template <typename scalar_t, typename acc_t>
-inline void load_masked(const Tensor& src, const Tensor& buf, const uint16_t* lanes,
-                        int64_t lane_ld, const LaneMask<acc_t>& mask) {
-  const int64_t rows = src.size(0), cols = src.size(1);
-  acc_t* bp = buf.data_ptr<acc_t>();
-  if (std::is_same<scalar_t, acc_t>::value && lanes && (src.stride(1) == 1 || cols == 1)) {
-    const acc_t* sp = reinterpret_cast<const acc_t*>(src.data_ptr<scalar_t>());
-    for (int64_t i = 0; i < rows; ++i)
-      mask_mul(bp + i * cols, sp + i * src.stride(0), lanes + i * lane_ld, cols, mask.thr,
-               mask.scale);
-    return;
+void load_rows(const scalar_t* xp, int64_t xs0, int64_t xs1, int64_t r0, int64_t n, int64_t in,
+               acc_t* buf, const uint16_t* lanes, int64_t lane_ld,
+               const LaneMask<acc_t>& lane_mask) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t* dst = buf + i * in;
+    const scalar_t* row = xp + (r0 + i) * xs0;
+    if constexpr (std::is_same<scalar_t, acc_t>::value) {
+      if (xs1 == 1 && lanes) {
+        mask_mul(dst, row, lanes + i * lane_ld, in, lane_mask.thr, lane_mask.scale);
+        continue;
+      }
+    }
+    for (int64_t j = 0; j < in; ++j) dst[j] = static_cast<acc_t>(row[j * xs1]);
+    if (lanes) mask_mul(dst, dst, lanes + i * lane_ld, in, lane_mask.thr, lane_mask.scale);
   }
-  buf.copy_(src);
-  if (lanes) apply_mask_inplace<acc_t>(bp, cols, lanes, lane_ld, rows, cols, mask);
 }
 
 // Which dimension of an mm_rm call follows the token count of a row block:
@@ -255,14 +249,38 @@ inline Tensor sum_slots(const Tensor& parts) {
   return out;
 }
 
-// dst (cols × rows, contiguous) = scale · srcᵀ for a small rows × cols block
-// (src row stride src_ld): the transposed low-rank activations the
-// accumulating GEMMs read. Raw loops, no ATen calls, inside the fused loops.
+// dst (cols × rows, contiguous) = scale · srcᵀ for a rows × cols block (src
+// row stride src_ld): the transposed operands the small row-major GEMMs read
+// (Aᵀ, scaling·Bᵀ, the transposed low-rank activations). In 16 × 16 tiles,
+// so reads and writes both stay within a few cache lines; plain loops, no
+// ATen calls.
 template <typename T>
 inline void transpose_scaled(T* dst, const T* src, int64_t rows, int64_t cols, int64_t src_ld,
                              T scale) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t k = 0; k < cols; ++k) dst[k * rows + i] = scale * src[i * src_ld + k];
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const int64_t i1 = std::min(rows, i0 + kTile);
+    for (int64_t k0 = 0; k0 < cols; k0 += kTile) {
+      const int64_t k1 = std::min(cols, k0 + kTile);
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t i = i0; i < i1; ++i) dst[k * rows + i] = scale * src[i * src_ld + k];
+    }
+  }
+}
+
+// An uninitialised buffer of n elements (a std::vector would zero it first).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(n > 0 ? n : 1)]);
+}
+
+// Whether a 2-D tensor is readable in place as a row-major matrix (unit
+// column stride, rows that do not overlap), and its row stride as such.
+inline bool rows_in_place(const Tensor& t) {
+  return (t.stride(1) == 1 || t.size(1) <= 1) && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
+}
+inline int64_t row_ld(const Tensor& t) {
+  return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0);
 }
 
 // Row blocks [b*kRowBlock, ...) of `rows` rows.

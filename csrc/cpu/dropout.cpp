@@ -90,9 +90,10 @@ Tensor philox_words(int64_t seed, int64_t n0, int64_t count, int64_t isa) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) {
-  m.impl("dropout", below_autograd<&dropout_impl>);
-}
+// The dispatcher's CPU kernel of lora_kernels::dropout, and the cpu backend's
+// handle on it (lora_kernels_cpu::dropout, for use_backend("cpu") and tests).
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("dropout", below_autograd<&dropout_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) { m.impl("dropout", below_autograd<&dropout_impl>); }
 
 TORCH_LIBRARY_IMPL(lora_kernels_cpu, CompositeImplicitAutograd, m) {
   m.impl("_philox_words", &philox_words);

@@ -314,7 +314,23 @@ std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd_impl(
   return {dw, dA, dB};
 }
 
+// lora_kernels::lora_embedding_fwd also takes the padding index, which only
+// its backward uses.
+std::tuple<Tensor, Tensor> lora_embedding_fwd_op(const Tensor& indices, const Tensor& weight,
+                                                 const Tensor& lora_A, const Tensor& lora_B,
+                                                 double scaling, int64_t /*padding_idx*/) {
+  return lora_embedding_fwd_impl(indices, weight, lora_A, lora_B, scaling);
+}
+
 }  // namespace
+
+// The dispatcher's CPU kernels of lora_kernels::lora_embedding_{fwd,bwd}, and
+// the cpu backend's handles on them (lora_kernels_cpu, for use_backend("cpu")
+// and tests).
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("lora_embedding_fwd", below_autograd<&lora_embedding_fwd_op>);
+  m.impl("lora_embedding_bwd", below_autograd<&lora_embedding_bwd_impl>);
+}
 
 TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) {
   m.impl("lora_embedding_fwd", below_autograd<&lora_embedding_fwd_impl>);

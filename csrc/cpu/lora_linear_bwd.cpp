@@ -76,13 +76,13 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
   const int64_t R = A_l.size(0);
   const int64_t r = L.r;
   const int64_t ng = L.enabled();
-  const int64_t gcols = ng * L.size;
+  const int64_t size = L.size;
+  const int64_t gcols = ng * size;
   const int64_t lane_ld = lane_stride(in);
   const bool need_dS = w.dx || w.dA;
   const bool need_lanes = mask.active && need_dS;
   const auto acc_opts = g.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const LaneMask<acc_t> lane_mask(mask);
-  const bool need_xbuf = (w.dA && (mask.active || !kSame)) || (w.dx && !kSame);
 
   const int64_t nchunks = num_row_blocks(T);
   const int64_t slot_bytes =
@@ -90,26 +90,37 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
   int64_t S = std::min(nchunks, kMaxSlots);
   if (slot_bytes > 0) S = std::max<int64_t>(1, std::min(S, kSlotBytes / slot_bytes));
   Tensor dA_parts = w.dA ? at::empty({S, R, in}, acc_opts) : Tensor();
+  acc_t* dAp = w.dA ? dA_parts.data_ptr<acc_t>() : nullptr;
   // dB is accumulated transposed, (r, size) per group: s_cᵀ·g_c has
   // row-major operands; it is transposed back once at the end.
-  Tensor dBt_parts = w.dB ? at::empty({S, ng, r, L.size}, acc_opts) : Tensor();
+  const auto dBt_parts = scratch<acc_t>(w.dB ? S * ng * r * size : 0);
 
-  // Row-major operands for mm_rm (common.h), scaling folded into B once.
-  Tensor B_sc = at::empty({B_l.size(0), r}, acc_opts);  // (len(groups)·size, r)
+  // Row-major operands of mm_rm_ptr (common.h), scaling folded into B once.
+  const auto B_sc = scratch<acc_t>(B_l.numel());  // (len(groups)·size, r)
   {
-    const acc_t* b = B_l.data_ptr<acc_t>();  // contiguous
-    acc_t* o = B_sc.data_ptr<acc_t>();
-    for (int64_t e = 0; e < B_l.numel(); ++e) o[e] = b[e] * static_cast<acc_t>(scaling);
+    const acc_t* b = B_l.const_data_ptr<acc_t>();  // contiguous
+    for (int64_t e = 0; e < B_l.numel(); ++e) B_sc[e] = b[e] * static_cast<acc_t>(scaling);
   }
-  const Tensor s = w.dB ? s_in.contiguous() : s_in;   // read by raw pointer below
+  const Tensor s = w.dB ? s_in.contiguous() : s_in;
+  const acc_t* sp = w.dB ? s.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* ap = A_l.const_data_ptr<acc_t>();  // (R, in), contiguous
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const int64_t gs0 = g.stride(0), gs1 = g.stride(1);
+  const bool g_in_place = kSame && rows_in_place(g);
+  const scalar_t* xp = w.dA ? x.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t xs0 = w.dA ? x.stride(0) : 0, xs1 = w.dA ? x.stride(1) : 0;
+  const bool x_in_place = w.dA && kSame && !mask.active && rows_in_place(x);
+  const bool need_xbuf = (w.dA && !x_in_place) || (w.dx && !kSame);
+  scalar_t* dxp = w.dx ? dx.data_ptr<scalar_t>() : nullptr;  // (T, in), contiguous
 
-  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
-    Tensor gbuf = kSame ? Tensor() : at::empty({kRowBlock, gcols}, acc_opts);
-    Tensor dSbuf = need_dS ? at::empty({kRowBlock * R}, acc_opts) : Tensor();
-    Tensor tbuf = at::empty({R * kRowBlock}, acc_opts);  // a transposed (R × n) block
-    Tensor xbuf = need_xbuf ? at::empty({kRowBlock, in}, acc_opts) : Tensor();
-    std::vector<uint16_t> lanes(need_lanes ? static_cast<size_t>(kRowBlock * lane_ld) : 0);
-    std::vector<Tensor> g_i(ng);
+  auto run = [&](int64_t s0, int64_t s1) {
+    const int64_t rows = std::min(kRowBlock, T);  // rows of a chunk, at most
+    const auto gbuf = scratch<acc_t>(g_in_place ? 0 : rows * gcols);
+    const auto dS = scratch<acc_t>(need_dS ? rows * R : 0);  // (n, R)
+    const auto tb = scratch<acc_t>(R * rows);                // a transposed (R × n) block
+    const auto xbuf = scratch<acc_t>(need_xbuf ? rows * in : 0);
+    const auto lanes = scratch<uint16_t>(need_lanes ? rows * lane_ld : 0);
+    std::vector<const acc_t*> g_i(static_cast<size_t>(ng));
     for (int64_t slot = s0; slot < s1; ++slot) {
       const int64_t c_begin = slot * nchunks / S;
       const int64_t c_end = (slot + 1) * nchunks / S;
@@ -117,78 +128,79 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
         const bool add = c != c_begin;  // accumulate into the slot's partials
         const int64_t r0 = c * kRowBlock;
         const int64_t n = std::min(kRowBlock, T - r0);
-        const bool full = n == kRowBlock;  // a stable shape for mm_rm
-        const Tensor g_c = g.narrow(0, r0, n);
+        const bool full = n == kRowBlock;  // a stable shape for mm_rm_ptr
         // Group columns of g_c, in the low-rank dtype.
-        for (int64_t i = 0; i < ng; ++i) {
-          const Tensor src = g_c.narrow(1, L.col0(i), L.size);
-          if constexpr (kSame) {
-            g_i[i] = src;
-          } else {
-            g_i[i] = gbuf.narrow(0, 0, n).narrow(1, i * L.size, L.size);
-            g_i[i].copy_(src);
-          }
+        int64_t ld_g = gcols;
+        if (g_in_place) {
+          ld_g = row_ld(g);
+          for (int64_t i = 0; i < ng; ++i)
+            g_i[i] = reinterpret_cast<const acc_t*>(gp + r0 * gs0 + L.col0(i) * gs1);
+        } else {
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t i = 0; i < ng; ++i)
+              for (int64_t k = 0; k < size; ++k)
+                gbuf[t * gcols + i * size + k] =
+                    static_cast<acc_t>(gp[(r0 + t) * gs0 + (L.col0(i) + k) * gs1]);
+          for (int64_t i = 0; i < ng; ++i) g_i[i] = gbuf.get() + i * size;
         }
-        Tensor tb = tbuf.narrow(0, 0, R * n).view({R, n});
         if (w.dB) {
           // dBᵀ_i += (scaling · s_c,i)ᵀ · g_c,i
-          transpose_scaled<acc_t>(tb.data_ptr<acc_t>(), s.data_ptr<acc_t>() + r0 * R, n, R, R,
-                                  static_cast<acc_t>(scaling));
-          Tensor dBt_s = dBt_parts[slot];
+          transpose_scaled<acc_t>(tb.get(), sp + r0 * R, n, R, R, static_cast<acc_t>(scaling));
           for (int64_t i = 0; i < ng; ++i)
-            mm_rm(dBt_s[i], tb.narrow(0, i * r, r), g_i[i], add, vary_k(full));
+            mm_rm_ptr<acc_t>(r, size, n, tb.get() + i * r * n, n, g_i[i], ld_g,
+                             dBt_parts.get() + (slot * ng + i) * r * size, size, add,
+                             vary_k(full));
         }
         if (!need_dS) continue;
-        Tensor dS = dSbuf.narrow(0, 0, n * R).view({n, R});
         for (int64_t i = 0; i < ng; ++i)
-          mm_rm(dS.narrow(1, i * r, r), g_i[i], B_sc.narrow(0, i * L.size, L.size), false,
-                vary_m(full));
-        if (need_lanes) mask_lanes(mask, r0, n, in, lanes.data());
-        const uint16_t* lp = need_lanes ? lanes.data() : nullptr;
+          mm_rm_ptr<acc_t>(n, r, size, g_i[i], ld_g, B_sc.get() + i * size * r, r,
+                           dS.get() + i * r, R, false, vary_m(full));
+        if (need_lanes) mask_lanes(mask, r0, n, in, lanes.get());
+        const uint16_t* lp = need_lanes ? lanes.get() : nullptr;
         if (w.dA) {
           // dA += dS_cᵀ · dropout(x_c)
-          transpose_scaled<acc_t>(tb.data_ptr<acc_t>(), dS.data_ptr<acc_t>(), n, R, R, acc_t(1));
-          const Tensor x_c = x.narrow(0, r0, n);
-          if (kSame && !mask.active) {
-            mm_rm(dA_parts[slot], tb, x_c, add, vary_k(full));
-          } else {
-            Tensor xb = xbuf.narrow(0, 0, n);
-            load_masked<scalar_t, acc_t>(x_c, xb, lp, lane_ld, lane_mask);
-            mm_rm(dA_parts[slot], tb, xb, add, vary_k(full));
+          transpose_scaled<acc_t>(tb.get(), dS.get(), n, R, R, acc_t(1));
+          const acc_t* xsrc = reinterpret_cast<const acc_t*>(xp + r0 * xs0);
+          int64_t ld_x = x_in_place ? row_ld(x) : in;
+          if (!x_in_place) {
+            load_rows<scalar_t, acc_t>(xp, xs0, xs1, r0, n, in, xbuf.get(), lp, lane_ld,
+                                       lane_mask);
+            xsrc = xbuf.get();
           }
+          mm_rm_ptr<acc_t>(R, in, n, tb.get(), n, xsrc, ld_x, dAp + slot * R * in, in, add,
+                           vary_k(full));
         }
         if (w.dx) {
           // dx_c = mask ⊙ (dS_c·A) · keep_scale; the frozen g·W is added later.
-          Tensor dx_c = dx.narrow(0, r0, n);
-          if constexpr (kSame) {
-            mm_rm(dx_c, dS, A_l, false, vary_m(full));
-            if (lp)
-              apply_mask_inplace<acc_t>(dx_c.data_ptr<acc_t>(), in, lp, lane_ld, n, in,
-                                        lane_mask);
-          } else {
-            Tensor t = xbuf.narrow(0, 0, n);
-            mm_rm(t, dS, A_l, false, vary_m(full));
-            if (lp)
-              apply_mask_inplace<acc_t>(t.data_ptr<acc_t>(), in, lp, lane_ld, n, in, lane_mask);
-            dx_c.copy_(t);  // one rounding to the half dtype
-          }
+          acc_t* dst = kSame ? reinterpret_cast<acc_t*>(dxp + r0 * in) : xbuf.get();
+          mm_rm_ptr<acc_t>(n, in, R, dS.get(), R, ap, in, dst, in, false, vary_m(full));
+          if (lp)
+            for (int64_t t = 0; t < n; ++t)
+              mask_mul(dst + t * in, dst + t * in, lp + t * lane_ld, in, lane_mask.thr,
+                       lane_mask.scale);
+          if constexpr (!kSame)  // one rounding to the half dtype
+            for (int64_t e = 0; e < n * in; ++e) dxp[r0 * in + e] = static_cast<scalar_t>(dst[e]);
         }
       }
     }
-  });
+  };
+  if (S == 1)
+    run(0, 1);  // no parallel region for one slot
+  else
+    at::parallel_for(0, S, 1, run);
   if (w.dA) dA_acc = S ? sum_slots<acc_t>(dA_parts) : at::zeros({R, in}, acc_opts);
   if (w.dB) {  // dB[i·size + c, k] = Σ_slot dBt_parts[slot, i, k, c], slots in order
     dB_acc = at::empty({gcols, r}, acc_opts);
-    const acc_t* p = dBt_parts.data_ptr<acc_t>();
+    const acc_t* p = dBt_parts.get();
     acc_t* o = dB_acc.data_ptr<acc_t>();
-    const int64_t per_slot = ng * r * L.size;
+    const int64_t per_slot = ng * r * size;
     for (int64_t i = 0; i < ng; ++i)
       for (int64_t k = 0; k < r; ++k)
-        for (int64_t c = 0; c < L.size; ++c) {
-          const int64_t e = (i * r + k) * L.size + c;
+        for (int64_t c = 0; c < size; ++c) {
+          const int64_t e = (i * r + k) * size + c;
           acc_t v = S ? p[e] : acc_t(0);
           for (int64_t q = 1; q < S; ++q) v += p[q * per_slot + e];
-          o[(i * L.size + c) * r + k] = v;
+          o[(i * size + c) * r + k] = v;
         }
   }
 }
@@ -231,9 +243,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_impl(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) {
-  m.impl("lora_linear_bwd", below_autograd<&lora_linear_bwd_impl>);
-}
+// The dispatcher's CPU kernel of lora_kernels::lora_linear_bwd, and the cpu backend's
+// handle on it (lora_kernels_cpu::lora_linear_bwd, for use_backend("cpu") and tests).
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("lora_linear_bwd", below_autograd<&lora_linear_bwd_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) { m.impl("lora_linear_bwd", below_autograd<&lora_linear_bwd_impl>); }
 
 }  // namespace cpu
 }  // namespace lora_kernels

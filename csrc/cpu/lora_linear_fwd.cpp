@@ -11,7 +11,9 @@
 //          y_blk = [s_blk,i | 1]·[scaling·B_iᵀ ; bias_i] per group (one
 //          GEMM writes bias + update; bias only on groups without one).
 //          The GEMMs inside the loop are single-threaded micro-kernel/BLAS
-//          calls on cache-sized blocks (mm_rm in common.h).
+//          calls on cache-sized blocks (mm_rm_ptr in common.h), on raw
+//          pointers and plain buffers: a small call (one block, no parallel
+//          region) pays for its arithmetic, not for tensor setup.
 //       2. y += x·Wᵀ: one multithreaded BLAS GEMM with beta = 1. This is the
 //          same work as the plain layer's addmm(bias, x, Wᵀ) (which also
 //          writes the broadcast bias into y and accumulates with beta = 1),
@@ -21,8 +23,8 @@
 //     inputs, x's dtype otherwise.
 //   * The dropout mask is never stored: it is a pure function of
 //     (seed, p, element position) and backward regenerates it. Dropped x
-//     exists only one row block at a time per thread; with p == 0 and no
-//     dtype conversion x is read in place.
+//     exists only one row block at a time per thread; with p == 0, no
+//     dtype conversion and contiguous rows, x is read in place.
 //   * Every row block is computed the same way whatever thread runs it, so
 //     the result is bitwise independent of the thread count.
 //   * Half inputs: A, B and the bias are widened to float32 once (r×in,
@@ -40,7 +42,9 @@ namespace {
 
 constexpr const char* kOp = "lora_linear_fwd";
 
-// Phase 1: s and y = bias + low-rank update, row block by row block.
+// Phase 1: s and y = bias + low-rank update, row block by row block. Raw
+// pointers and plain buffers throughout (no ATen calls, views or tensor
+// temporaries in the loop): a small call costs its arithmetic, not its setup.
 template <typename scalar_t>
 void lowrank_forward(const Tensor& x, const Tensor& bias, Tensor& y, Tensor& s, const Tensor& A_l,
                      const Tensor& B_l, const GroupLayout& L, double scaling,
@@ -51,98 +55,101 @@ void lowrank_forward(const Tensor& x, const Tensor& bias, Tensor& y, Tensor& s, 
   const int64_t in = x.size(1);
   const int64_t r = L.r;
   const int64_t ng = L.enabled();
-  const bool need_buf = mask.active || !kSame;
+  const int64_t size = L.size;
+  const int64_t out = L.num_groups * size;
+  const int64_t R = A_l.size(0);
   const int64_t lane_ld = lane_stride(in);
-  const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const LaneMask<acc_t> lane_mask(mask);
+  const bool has_bias = bias.defined();
+  const int64_t rk = has_bias ? r + 1 : r;  // inner dimension of the update
   // Which group each out column block belongs to: -1 when it has no update.
   std::vector<int64_t> slot_of(static_cast<size_t>(L.num_groups), -1);
   for (int64_t i = 0; i < ng; ++i) slot_of[L.groups[i]] = i;
-  const bool has_bias = bias.defined();
 
-  // Row-major operands for mm_rm (common.h): Aᵀ (in × R), and per group
-  // Bext_i = [scaling·B_iᵀ ; bias_i] ((r + 1) × size, the bias row only with
-  // a bias): y_g = [s_i | 1]·Bext_i writes bias + update in one pass, with no
-  // separate scaling or bias pass.
-  // Both are filled by plain loops (A_l and B_l are contiguous): ATen's
-  // strided transpose copies cost more than the low-rank GEMMs at small
-  // token counts.
-  const int64_t R = A_l.size(0);
-  Tensor At = at::empty({in, R}, acc_opts);
-  {
-    const acc_t* a = A_l.data_ptr<acc_t>();
-    acc_t* o = At.data_ptr<acc_t>();
-    for (int64_t k = 0; k < R; ++k)
-      for (int64_t j = 0; j < in; ++j) o[j * R + k] = a[k * in + j];
-  }
-  const int64_t rk = has_bias ? r + 1 : r;  // inner dimension of the update
-  Tensor Bext = at::empty({ng, rk, L.size}, acc_opts);
-  {
-    const acc_t* b = B_l.data_ptr<acc_t>();  // (ng·size, r)
-    acc_t* o = Bext.data_ptr<acc_t>();
-    const Tensor bias_c = has_bias ? bias.contiguous() : Tensor();
-    const scalar_t* bp = has_bias ? bias_c.data_ptr<scalar_t>() : nullptr;
-    for (int64_t i = 0; i < ng; ++i) {
-      acc_t* oi = o + i * rk * L.size;
-      for (int64_t c = 0; c < L.size; ++c)
-        for (int64_t k = 0; k < r; ++k)
-          oi[k * L.size + c] = static_cast<acc_t>(scaling) * b[(i * L.size + c) * r + k];
-      if (has_bias)
-        for (int64_t c = 0; c < L.size; ++c)
-          oi[r * L.size + c] = static_cast<acc_t>(bp[L.col0(i) + c]);
-    }
-  }
+  // Row-major operands of the small GEMMs (mm_rm_ptr, common.h), filled by
+  // plain loops: Aᵀ (in × R), and per group Bext_i = [scaling·B_iᵀ ; bias_i]
+  // (rk × size, the bias row only with a bias), so that
+  // y_g = [s_i | 1]·Bext_i writes bias + update in one pass.
+  const auto packed = scratch<acc_t>(in * R + ng * rk * size);
+  acc_t* At = packed.get();
+  acc_t* Bext = At + in * R;
+  transpose_scaled<acc_t>(At, A_l.const_data_ptr<acc_t>(), R, in, in, acc_t(1));
+  const acc_t* b = B_l.const_data_ptr<acc_t>();  // (ng·size, r)
+  for (int64_t i = 0; i < ng; ++i)
+    transpose_scaled<acc_t>(Bext + i * rk * size, b + i * size * r, size, r, r,
+                            static_cast<acc_t>(scaling));
+  const Tensor bias_c = has_bias ? bias.contiguous() : Tensor();
+  const scalar_t* bp = has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+  if (has_bias)
+    for (int64_t i = 0; i < ng; ++i)
+      for (int64_t c = 0; c < size; ++c)
+        Bext[(i * rk + r) * size + c] = static_cast<acc_t>(bp[L.col0(i) + c]);
 
-  at::parallel_for(0, num_row_blocks(T), 1, [&](int64_t b0, int64_t b1) {
-    Tensor xbuf = need_buf ? at::empty({kRowBlock, in}, acc_opts) : Tensor();
-    Tensor tmp = kSame ? Tensor() : at::empty({kRowBlock, L.size}, acc_opts);
-    Tensor sext = at::empty({kRowBlock, rk}, acc_opts);  // [s_i | 1]
-    if (has_bias) sext.narrow(1, r, 1).fill_(1);
-    std::vector<uint16_t> lanes(mask.active ? static_cast<size_t>(kRowBlock * lane_ld) : 0);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  const bool x_rows = rows_in_place(x);
+  // x is read in place when it is already dropout(x) in the low-rank dtype.
+  const bool need_buf = mask.active || !kSame || !x_rows;
+  scalar_t* yp = y.data_ptr<scalar_t>();  // (T, out), contiguous
+  acc_t* sp = s.data_ptr<acc_t>();        // (T, R), contiguous
+
+  auto run = [&](int64_t b0, int64_t b1) {
+    const int64_t rows = std::min(kRowBlock, T);  // rows of a block, at most
+    const auto xbuf = scratch<acc_t>(need_buf ? rows * in : 0);
+    const auto sext = scratch<acc_t>(has_bias ? rows * rk : 0);  // [s_i | 1]
+    const auto tmp = scratch<acc_t>(kSame ? 0 : rows * size);
+    const auto lanes = scratch<uint16_t>(mask.active ? rows * lane_ld : 0);
+    for (int64_t i = 0; has_bias && i < rows; ++i) sext[i * rk + r] = acc_t(1);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * kRowBlock;
       const int64_t n = std::min(kRowBlock, T - r0);
-      const bool full = n == kRowBlock;  // a stable shape for mm_rm
-      const Tensor x_blk = x.narrow(0, r0, n);
-      Tensor s_blk = s.narrow(0, r0, n);  // (n, R), acc dtype
-      if (need_buf) {
-        Tensor xb = xbuf.narrow(0, 0, n);
-        if (mask.active) mask_lanes(mask, r0, n, in, lanes.data());
-        load_masked<scalar_t, acc_t>(x_blk, xb, mask.active ? lanes.data() : nullptr, lane_ld,
-                                     lane_mask);
-        mm_rm(s_blk, xb, At, /*add=*/false, vary_m(full));
-      } else {
-        mm_rm(s_blk, x_blk, At, /*add=*/false, vary_m(full));
+      const Vary vary = vary_m(n == kRowBlock);  // a stable shape for mm_rm_ptr
+      const acc_t* src = reinterpret_cast<const acc_t*>(xp + r0 * xs0);
+      int64_t ld = row_ld(x);
+      if (need_buf) {  // dropout(x_blk) in the low-rank dtype
+        if (mask.active) mask_lanes(mask, r0, n, in, lanes.get());
+        load_rows<scalar_t, acc_t>(xp, xs0, xs1, r0, n, in, xbuf.get(),
+                                   mask.active ? lanes.get() : nullptr, lane_ld, lane_mask);
+        src = xbuf.get();
+        ld = in;
       }
-      Tensor y_blk = y.narrow(0, r0, n);
+      acc_t* s_blk = sp + r0 * R;
+      mm_rm_ptr<acc_t>(n, R, in, src, ld, At, R, s_blk, R, false, vary);
       for (int64_t grp = 0; grp < L.num_groups; ++grp) {
         const int64_t i = slot_of[grp];
-        const int64_t c0 = grp * L.size;
-        Tensor y_g = y_blk.narrow(1, c0, L.size);
+        scalar_t* y_g = yp + r0 * out + grp * size;
         if (i < 0) {  // no low-rank update on this group: bias or zero
-          if (has_bias)
-            y_g.copy_(bias.narrow(0, c0, L.size).expand({n, L.size}));
-          else
-            y_g.zero_();
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t c = 0; c < size; ++c)
+              y_g[t * out + c] = has_bias ? bp[grp * size + c] : scalar_t(0);
           continue;
         }
-        Tensor lhs = s_blk.narrow(1, i * r, r);  // (n, r)
+        const acc_t* lhs = s_blk + i * r;  // (n, r), row stride R
+        int64_t ld_l = R;
         if (has_bias) {
-          Tensor se = sext.narrow(0, 0, n);
-          se.narrow(1, 0, r).copy_(lhs);
-          lhs = se;                                // (n, r + 1)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t k = 0; k < r; ++k) sext[t * rk + k] = lhs[t * R + k];
+          lhs = sext.get();
+          ld_l = rk;
         }
+        const acc_t* rhs = Bext + i * rk * size;
         if constexpr (kSame) {
-          mm_rm(y_g, lhs, Bext[i], /*add=*/false, vary_m(full));
+          mm_rm_ptr<acc_t>(n, size, rk, lhs, ld_l, rhs, size, y_g, out, false, vary);
         } else {
           // y_g = half(bias + scaling · s_i·B_iᵀ), accumulated in float32.
-          Tensor t = tmp.narrow(0, 0, n);
-          mm_rm(t, lhs, Bext[i], /*add=*/false, vary_m(full));
-          y_g.copy_(t);
+          mm_rm_ptr<acc_t>(n, size, rk, lhs, ld_l, rhs, size, tmp.get(), size, false, vary);
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t c = 0; c < size; ++c)
+              y_g[t * out + c] = static_cast<scalar_t>(tmp[t * size + c]);
         }
       }
     }
-  });
+  };
+  const int64_t blocks = num_row_blocks(T);
+  if (blocks == 1)
+    run(0, 1);  // no parallel region for one block
+  else
+    at::parallel_for(0, blocks, 1, run);
 }
 
 std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& weight,
@@ -176,9 +183,10 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) {
-  m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>);
-}
+// The dispatcher's CPU kernel of lora_kernels::lora_linear_fwd, and the cpu backend's
+// handle on it (lora_kernels_cpu::lora_linear_fwd, for use_backend("cpu") and tests).
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) { m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>); }
 
 }  // namespace cpu
 }  // namespace lora_kernels

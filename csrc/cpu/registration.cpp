@@ -24,7 +24,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(lora_kernels_cpu, m) {
-  lora_kernels::define_ops(m);
+  lora_kernels::define_backend_ops(m);
   // Test hook (not part of the op contract): raw Philox words, see dropout.cpp.
   m.def("_philox_words(int seed, int n0, int count, int isa) -> Tensor");
   // Status of the AVX-512 row kernels (lowrank_rows.h), for lora_kernels.info.

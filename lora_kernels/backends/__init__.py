@@ -5,10 +5,13 @@ A backend implements the kernels behind the ``lora_kernels`` ops (see
 cannot run there (``not_supported_reasons``), as xformers' operators do. A new
 backend is a new module in this package added to ``_BACKEND_MODULES``.
 
-Selection: ``LORA_KERNELS_BACKEND`` (``auto`` by default) or the
-``use_backend(name)`` context manager. ``auto`` takes, for the tensor's device,
-the first backend in ``_AUTO_ORDER`` with no reasons; the reference backend
-runs everywhere. Forcing a backend that cannot run raises with its reasons.
+Selection: ``LORA_KERNELS_BACKEND`` (``auto`` by default; read once, when
+lora_kernels is imported) or the ``use_backend(name)`` context manager (per
+thread, at run time). ``auto`` is what the dispatcher runs: a device's C++
+kernels where the compiled extensions have them (CPU; CUDA with the CUDA
+extension), else the first backend in ``_AUTO_ORDER`` with no reasons; the
+reference backend runs everywhere. Forcing a backend that cannot run raises
+with its reasons. How a named backend reaches the ops: ``lora_kernels.ops``.
 """
 from __future__ import annotations
 
@@ -24,11 +27,10 @@ import torch
 NAMES = ("reference", "cpu", "triton", "cuda")
 CHOICES = ("auto",) + NAMES
 _BACKEND_MODULES = {name: f"lora_kernels.backends.{name}" for name in NAMES}
-# On CUDA the Triton kernels come first (tensor-core low-rank products, traced
-# by torch.compile); the CUDA C++ extension is opt-in (LORA_KERNELS_CUDA=1 at
-# build time) and chosen with LORA_KERNELS_BACKEND=cuda / use_backend("cuda"),
-# or by auto where Triton cannot run.
-_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+# On CUDA the C++ kernels of the CUDA extension (opt-in: LORA_KERNELS_CUDA=1 at
+# build time) are the dispatcher's, as on the CPU; without them the Triton
+# kernels run (and torch.compile traces into them where Triton can run).
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 _state = threading.local()
 _loaded: Dict[str, object] = {}
@@ -54,25 +56,51 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+def _env() -> str:
+    return _check_name(os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto",
+                       "LORA_KERNELS_BACKEND")
+
+
+_ENV = _env()  # read once: the process-wide choice
+_route_mode = None  # lora_kernels.ops._Route, set when the ops are registered
+
+
+def env_choice() -> str:
+    """The backend ``LORA_KERNELS_BACKEND`` asked for when lora_kernels was imported."""
+    return _ENV
+
+
+def set_route_mode(mode_class) -> None:
+    global _route_mode
+    _route_mode = mode_class
+
+
 def requested() -> str:
     """The backend asked for: the innermost use_backend(), else the env var."""
     stack = getattr(_state, "stack", None)
     if stack:
         return stack[-1]
-    return _check_name(os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto",
-                       "LORA_KERNELS_BACKEND")
+    return _ENV
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops inside the block on backend ``name`` (or ``"auto"``)."""
+    """Run the ops inside the block on backend ``name`` (or ``"auto"``): the
+    forward and the backward of what the block runs (each op's autograd keeps
+    the backend its forward ran on, also when autograd runs backward on
+    another thread)."""
     _check_name(name, "use_backend(name)")
     stack = getattr(_state, "stack", None)
     if stack is None:
         stack = _state.stack = []
     stack.append(name)
+    mode = _route_mode() if _route_mode is not None and name != "auto" else None
     try:
-        yield
+        if mode is None:
+            yield
+        else:
+            with mode:
+                yield
     finally:
         stack.pop()
 
