@@ -9,7 +9,7 @@
   dropout bit-identical to the CPU backend, every product against the
   reference in float64, odd shapes that straddle tiles, split reductions.
   Skipped without a C++20 compiler.
-* The built extension registers a CUDA kernel under lora_kernels_cuda for
+* The built extension registers a CUDA kernel under lora_kernels (and lora_kernels_cuda) for
   every op, with lora_kernels_cpu's schema; skipped when it is not built.
 * ``gpu`` tests: backend "cuda" against the reference on a CUDA device, as
   tests/test_device_backends.py does for triton (masks bit-identical to the
@@ -331,9 +331,12 @@ needs_extension = pytest.mark.skipif(
 def test_extension_registers_a_cuda_kernel_for_every_op_with_the_cpu_schema():
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels_cuda::{op}", "CUDA")
-        # CUDA only: the lora_kernels ops choose the backend in Python.
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels_cuda::{op}",
                                                                   "CPU")
+        # The dispatcher's CUDA kernels of the lora_kernels ops (merge_ is a
+        # Python op, which reaches lora_kernels_cuda::merge_ through the registry).
+        if op != "merge_":
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels::{op}", "CUDA")
         if backends.reasons("cpu", "cpu"):
             continue
         cuda = str(getattr(torch.ops.lora_kernels_cuda, op).default._schema)

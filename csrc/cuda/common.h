@@ -40,9 +40,32 @@ inline void check_cuda(const char* op, const char* name, const Tensor& t, const 
               ref_name, " (", ref.device(), "), got ", t.device());
 }
 
+// The kernels of this build run on t's GPU (they were built for its
+// architecture): checked once per device, before anything is launched.
+inline void check_arch(const char* op, const Tensor& t) {
+  constexpr int kDevices = 64;
+  static std::array<std::atomic<int>, kDevices> known{};  // 0 unknown, 1 runs, 2 does not
+  const int index = t.device().index();
+  int state = index >= 0 && index < kDevices ? known[index].load() : 0;
+  if (state == 0) {
+    c10::cuda::CUDAGuard guard(t.device());
+    state = kernels_run_on_current_device() ? 1 : 2;
+    if (index >= 0 && index < kDevices) known[index].store(state);
+  }
+  if (state == 2) {
+    cudaDeviceProp prop;
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
+    TORCH_CHECK(false, op, ": lora_kernels' CUDA kernels were not built for this GPU (",
+                prop.name, ", compute capability ", prop.major, ".", prop.minor,
+                "): rebuild with its architecture in TORCH_CUDA_ARCH_LIST, or build without "
+                "LORA_KERNELS_CUDA=1 to run the Triton kernels");
+  }
+}
+
 struct DeviceChecks {
   static void first(const char* op, const char* name, const Tensor& t) {
     check_is_cuda(op, name, t);
+    check_arch(op, t);
   }
   static void same(const char* op, const char* name, const Tensor& t, const char* ref_name,
                    const Tensor& ref) {

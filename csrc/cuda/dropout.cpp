@@ -20,6 +20,7 @@ constexpr const char* kOp = "dropout";
 
 Tensor dropout_impl(const Tensor& x, const Tensor& seed, double p) {
   check_is_cuda(kOp, "x", x);
+  check_arch(kOp, x);
   check_floating(kOp, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const MaskArgs mask = make_mask(kOp, seed, p, x);
@@ -47,9 +48,10 @@ Tensor dropout_impl(const Tensor& x, const Tensor& seed, double p) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
-  m.impl("dropout", below_autograd<&dropout_impl>);
-}
+// The dispatcher's CUDA kernel of lora_kernels::dropout, and the cuda backend's
+// handle on it (lora_kernels_cuda::dropout, for use_backend("cuda") and tests).
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("dropout", below_autograd<&dropout_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) { m.impl("dropout", below_autograd<&dropout_impl>); }
 
 }  // namespace cuda
 }  // namespace lora_kernels

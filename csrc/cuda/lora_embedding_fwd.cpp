@@ -57,7 +57,21 @@ std::tuple<Tensor, Tensor> lora_embedding_fwd_impl(const Tensor& indices, const 
   return {y, s};
 }
 
+// lora_kernels::lora_embedding_fwd also takes the padding index, which only
+// its backward uses.
+std::tuple<Tensor, Tensor> lora_embedding_fwd_op(const Tensor& indices, const Tensor& weight,
+                                                 const Tensor& lora_A, const Tensor& lora_B,
+                                                 double scaling, int64_t /*padding_idx*/) {
+  return lora_embedding_fwd_impl(indices, weight, lora_A, lora_B, scaling);
+}
+
 }  // namespace
+
+// The dispatcher's CUDA kernel of lora_kernels::lora_embedding_fwd, and the
+// cuda backend's handle on it (lora_kernels_cuda, for use_backend("cuda") and tests).
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("lora_embedding_fwd", below_autograd<&lora_embedding_fwd_op>);
+}
 
 TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
   m.impl("lora_embedding_fwd", below_autograd<&lora_embedding_fwd_impl>);

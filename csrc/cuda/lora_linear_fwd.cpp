@@ -98,9 +98,10 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
-  m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>);
-}
+// The dispatcher's CUDA kernel of lora_kernels::lora_linear_fwd, and the cuda backend's
+// handle on it (lora_kernels_cuda::lora_linear_fwd, for use_backend("cuda") and tests).
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) { m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>); }
 
 }  // namespace cuda
 }  // namespace lora_kernels

@@ -1,11 +1,11 @@
-// The lora_kernels_cuda operator schemas (../op_schemas.h, one per op; each
-// op's CUDA kernel is registered in its own file with TORCH_LIBRARY_IMPL)
-// and the empty Python module `lora_kernels._C_cuda`, whose import loads this
-// library and so runs the registrations. As lora_kernels._C: no pybind11,
-// built against the limited Python API (abi3). The schemas are
-// lora_kernels_cpu's (the op contract in lora_kernels/ops.py);
-// lora_kernels/backends/cuda.py calls them as torch.ops.lora_kernels_cuda.*,
-// so the user-facing lora_kernels ops keep choosing their backend in Python.
+// The cuda backend's library lora_kernels_cuda (../op_schemas.h:
+// define_backend_ops) and the empty Python module `lora_kernels._C_cuda`,
+// whose import loads this library and so runs the registrations. Each op's
+// CUDA kernel is registered in its own file, both as the dispatcher's CUDA
+// kernel of the lora_kernels op (defined by lora_kernels._C) and as the
+// lora_kernels_cuda op the Python backend registry calls when the cuda
+// backend is asked for by name. As lora_kernels._C: no pybind11, built
+// against the limited Python API (abi3).
 //
 // Module attributes: `arch_list`, the TORCH_CUDA_ARCH_LIST this was built
 // for (setup.py passes it as LK_CUDA_ARCH_LIST, comma-separated), and
@@ -48,5 +48,5 @@ PyMODINIT_FUNC PyInit__C_cuda(void) {
 }
 
 TORCH_LIBRARY(lora_kernels_cuda, m) {
-  lora_kernels::define_ops(m);
+  lora_kernels::define_backend_ops(m);
 }

@@ -319,5 +319,8 @@ void launch_dropout(const DropoutArgs<scalar_t>& a, Stream stream);
 template <typename acc_t, typename out_t>
 void launch_sum_parts(const SumPartsArgs<acc_t, out_t>& a, Stream stream);
 
+// Whether the kernels of this build run on the current GPU (kernels/arch.cu).
+bool kernels_run_on_current_device();
+
 }  // namespace cuda
 }  // namespace lora_kernels
