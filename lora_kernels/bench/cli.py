@@ -1,0 +1,213 @@
+"""The command line: ``python -m lora_kernels.bench``'s arguments, and the run
+that prints the header, times every provider at each ``--tokens`` value and
+prints the table (and writes the CSV and the plot).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import shlex
+import sys
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .. import __version__
+from .cases import (DEFAULT_FEATURES, DEFAULT_PROVIDERS, DTYPES, LAYERS, MODE, PROVIDERS,
+                    conv_geometry, default_providers, kernel_name, lora_kernels_backend,
+                    make_providers, parse_enable_lora)
+from .heap import HEAPS, keep_freed_memory
+from .measure import HELD_METHOD, Result, default_timing, run_cases, timing_note
+from .report import append_csv, csv_rows, device_label, format_table, machine_line, plot
+
+def _providers_arg(values: Sequence[str]) -> List[str]:
+    out = []
+    for v in values:
+        out += [p.strip() for p in v.split(",") if p.strip()]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m lora_kernels.bench",
+        description="Time forward+backward of one LoRA layer for several providers "
+                    f"({', '.join(PROVIDERS)}) and print a table. triton and cuda are the "
+                    "lora_kernels layer with that backend forced for forward and backward "
+                    "(skipped, with the reasons, where the backend cannot run).",
+        epilog=HELD_METHOD + ". Times: `y = layer(x); y.backward(g)` with grads set to None "
+               "before each run; on cpu wall clock (time.perf_counter) with providers "
+               "interleaved round robin (--repeat, --warmup); on cuda "
+               "triton.testing.do_bench per provider (--warmup-ms, --rep-ms; median, p20, p80 "
+               "from its quantiles), plus torch.cuda.max_memory_allocated peak memory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--layer", choices=LAYERS, default="linear")
+    ap.add_argument("--in-features", type=int, default=None,
+                    help="in features (embedding: num_embeddings; conv2d: in channels); "
+                         "default per layer: " + ", ".join(f"{k} {v[0]}" for k, v in
+                                                           DEFAULT_FEATURES.items()))
+    ap.add_argument("--out-features", type=int, default=None,
+                    help="out features (embedding: embedding_dim; conv2d: out channels); "
+                         "default per layer: " + ", ".join(f"{k} {v[1]}" for k, v in
+                                                           DEFAULT_FEATURES.items()))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2048],
+                    help="rows of x (conv2d: batch*H*W with square HxW images of at most "
+                         "--image-size); several values give several rows/points")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2*rank)")
+    ap.add_argument("--dropout", type=float, default=0.05,
+                    help="lora_dropout (ignored for embedding, which loralib gives none)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    ap.add_argument("--repeat", type=int, default=20,
+                    help="cpu: timed repetitions (median, p20, p80 reported); unused on cuda")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed repetitions per provider (on cuda: before the peak-memory "
+                         "step and do_bench's own warmup)")
+    ap.add_argument("--warmup-ms", type=float, default=25.0,
+                    help="cuda only: do_bench warmup time per provider, ms")
+    ap.add_argument("--rep-ms", type=float, default=100.0,
+                    help="cuda only: do_bench timed duration per provider, ms")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--providers", nargs="+", default=None, metavar="NAME",
+                    help=f"subset of {', '.join(PROVIDERS)} (space or comma separated). "
+                         "Default per device: cpu: " + ", ".join(DEFAULT_PROVIDERS["cpu"])
+                         + " (no triton: on cpu it needs TRITON_INTERPRET=1, the interpreter, "
+                         "far too slow but for tiny shapes); cuda: "
+                         + ", ".join(DEFAULT_PROVIDERS["cuda"]) + " (no lora_kernels: its "
+                         "auto backend is cuda or else triton, listed already)")
+    ap.add_argument("--enable-lora", default="1,0,1",
+                    help="merged only: which output groups get LoRA")
+    ap.add_argument("--kernel-size", type=int, default=3, help="conv2d only")
+    ap.add_argument("--image-size", type=int, default=32,
+                    help="conv2d only: side of the square images")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (default: torch's own choice; "
+                         "on a machine shared with other work, 1 avoids OpenMP stalls)")
+    ap.add_argument("--heap", choices=HEAPS, default="kept",
+                    help="CPU: 'kept' (default) makes glibc keep freed memory for reuse, so "
+                         "one provider's freed memory is not unmapped and faulted in again "
+                         "inside another provider's timed step; 'default' leaves glibc's "
+                         "adaptive trimming on")
+    ap.add_argument("--csv", metavar="PATH", help="append rows (Liger-Kernel long format)")
+    ap.add_argument("--plot", metavar="PNG", help="plot time vs tokens of this run's rows")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
+    providers = (list(default_providers(args.device)) if args.providers is None
+                 else _providers_arg(args.providers))
+    bad = [p for p in providers if p not in PROVIDERS]
+    if bad or not providers:
+        ap.error(f"--providers: got {bad or providers}, expected names among "
+                 f"{', '.join(PROVIDERS)}")
+    for name in ("repeat", "rank", "kernel_size", "image_size"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected >= 1")
+    for name in ("warmup_ms", "rep_ms"):
+        if not getattr(args, name) > 0:
+            ap.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected > 0")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads: got {args.threads}, expected >= 1")
+    if args.warmup < 0:
+        ap.error(f"--warmup: got {args.warmup}, expected >= 0")
+    if any(t < 1 for t in args.tokens):
+        ap.error(f"--tokens: got {args.tokens}, expected positive integers")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device: got cuda, but torch.cuda.is_available() is False")
+    d_in, d_out = DEFAULT_FEATURES[args.layer]
+    in_f = args.in_features or d_in
+    out_f = args.out_features or d_out
+    alpha = 2 * args.rank if args.alpha is None else args.alpha
+    p = 0.0 if args.layer == "embedding" else args.dropout
+    try:
+        enable = parse_enable_lora(args.enable_lora)
+        kernel = kernel_name(args.layer, in_f, out_f, args.rank, p, args.dtype, enable,
+                             args.kernel_size)
+    except ValueError as e:
+        ap.error(str(e))
+    device = torch.device(args.device)
+    threads_before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv, providers, in_f, out_f, alpha, p, enable, kernel, device, ap)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, argv, providers, in_f, out_f, alpha, p, enable, kernel, device, ap) -> int:
+    cuda = device.type == "cuda"
+    timing = default_timing(device)
+    print(f"lora_kernels.bench: {kernel} (mode {MODE}: forward + backward)")
+    print(f"machine: {machine_line(device)}")
+    print(f"lora_kernels {__version__}, backend: {lora_kernels_backend(device)}")
+    print(f"command: python -m lora_kernels.bench {shlex.join(argv)}".rstrip())
+    heap = keep_freed_memory() if args.heap == "kept" and not cuda else None
+    print(f"heap: {heap or 'allocator defaults'}")
+    print()
+
+    from tqdm.auto import tqdm
+    total = len(args.tokens) * (args.warmup + args.repeat) * len(providers)
+    bar = tqdm(total=total, desc="bench", unit="step", leave=False,
+               disable=args.no_progress or not sys.stderr.isatty())
+    results: List[Result] = []
+    notes: Dict[str, str] = {}
+    versions: Dict[str, str] = {}
+    try:
+        for tokens in args.tokens:
+            try:
+                cases = make_providers(args.layer, in_f, out_f, tokens, args.rank, alpha, p,
+                                       args.dtype, device, enable, args.kernel_size,
+                                       args.image_size, providers, args.seed)
+            except ValueError as e:
+                bar.close()
+                ap.error(str(e))
+            for c in cases.values():
+                if c.skip is not None:
+                    bar.update(args.warmup + args.repeat)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="lora_kernels: running the unfused")
+                res = run_cases(cases, args.repeat, args.warmup, device, bar, timing,
+                                args.warmup_ms, args.rep_ms)
+            for c in cases.values():
+                if c.skip is not None:
+                    failed = c.skip.startswith(("failed", "setup failed"))
+                    notes.setdefault(c.provider, c.skip if failed else f"skipped: {c.skip}")
+                else:
+                    notes.setdefault(c.provider, c.description)
+                    versions[c.provider] = c.version
+            results += [res[name] for name in providers if name in res]
+            del cases, res
+            gc.collect()
+    finally:
+        bar.close()
+
+    floor = {r.tokens: r.median for r in results if r.provider == "floor"}
+    print(format_table(results, floor, cuda))
+    print()
+    print(timing_note(timing, args.repeat, args.warmup, args.warmup_ms, args.rep_ms))
+    print(HELD_METHOD + (". peak MB: torch.cuda.max_memory_allocated during one step, less "
+                         "what was allocated before it" if cuda else ""))
+    if args.layer == "conv2d":
+        b, side = conv_geometry(args.tokens[0], args.image_size)
+        print(f"conv2d: tokens = batch*H*W with square images (e.g. {args.tokens[0]} -> "
+              f"{b} x {side}x{side}), padding {args.kernel_size // 2}")
+    if args.layer == "embedding" and args.dropout:
+        print(f"embedding: --dropout {args.dropout} ignored (loralib's Embedding has no dropout)")
+    for name in providers:
+        if name in notes:
+            print(f"  {name:<13} {notes[name]}")
+
+    rows = csv_rows(kernel, results, versions, device)
+    if args.csv:
+        append_csv(args.csv, rows)
+        print(f"csv: appended {len(rows)} rows to {args.csv}")
+    if args.plot:
+        plot(args.plot, rows, f"{kernel}, {MODE} (fwd+bwd), {device_label(device)}")
+        print(f"plot: {args.plot}")
+    return 0
