@@ -64,7 +64,8 @@ The setup is shared with ``benchmarks/test_bench_layers.py`` (pytest-benchmark):
 
 The package, one file per job: ``cases`` (the providers: ``make_providers``,
 ``Case``), ``measure`` (``held_bytes``, ``run_cases``, ``Result``), ``heap``
-(``--heap``), ``report`` (the machine line, the table, the CSV, the plot) and
+(``--heap``), ``sweep`` (build and time the providers at each ``--tokens``
+value), ``report`` (the header, the table, the notes, the CSV, the plot) and
 ``cli`` (the arguments and the run; ``__main__`` calls it).
 """
 from .cases import (BACKEND_PROVIDERS, DEFAULT_FEATURES, DEFAULT_PROVIDERS, DTYPES, LAYERS,

@@ -5,21 +5,19 @@ prints the table (and writes the CSV and the plot).
 from __future__ import annotations
 
 import argparse
-import gc
-import shlex
 import sys
-import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
-from .. import __version__
 from .cases import (DEFAULT_FEATURES, DEFAULT_PROVIDERS, DTYPES, LAYERS, MODE, PROVIDERS,
-                    conv_geometry, default_providers, kernel_name, lora_kernels_backend,
-                    make_providers, parse_enable_lora)
+                    default_providers, kernel_name, parse_enable_lora)
 from .heap import HEAPS, keep_freed_memory
-from .measure import HELD_METHOD, Result, default_timing, run_cases, timing_note
-from .report import append_csv, csv_rows, device_label, format_table, machine_line, plot
+from .measure import HELD_METHOD, default_timing, timing_note
+from .report import (append_csv, csv_rows, device_label, format_table, header, layer_notes,
+                     plot, provider_notes)
+from .sweep import progress_bar, sweep
+
 
 def _providers_arg(values: Sequence[str]) -> List[str]:
     out = []
@@ -131,61 +129,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     device = torch.device(args.device)
+    # make_providers' keywords other than tokens, dropout and providers.
+    setup = dict(layer=args.layer, in_features=in_f, out_features=out_f, rank=args.rank,
+                 alpha=alpha, dtype=args.dtype, device=device, enable_lora=enable,
+                 kernel_size=args.kernel_size, image_size=args.image_size, seed=args.seed)
     threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args, argv, providers, in_f, out_f, alpha, p, enable, kernel, device, ap)
+        return _run(args, argv, providers, setup, p, kernel, ap)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(args, argv, providers, in_f, out_f, alpha, p, enable, kernel, device, ap) -> int:
+def _run(args, argv, providers, setup, p, kernel, ap) -> int:
+    device = setup["device"]
     cuda = device.type == "cuda"
     timing = default_timing(device)
-    print(f"lora_kernels.bench: {kernel} (mode {MODE}: forward + backward)")
-    print(f"machine: {machine_line(device)}")
-    print(f"lora_kernels {__version__}, backend: {lora_kernels_backend(device)}")
-    print(f"command: python -m lora_kernels.bench {shlex.join(argv)}".rstrip())
     heap = keep_freed_memory() if args.heap == "kept" and not cuda else None
-    print(f"heap: {heap or 'allocator defaults'}")
+    print(header(f"{kernel} (mode {MODE}: forward + backward)", device, argv, heap))
     print()
 
-    from tqdm.auto import tqdm
-    total = len(args.tokens) * (args.warmup + args.repeat) * len(providers)
-    bar = tqdm(total=total, desc="bench", unit="step", leave=False,
-               disable=args.no_progress or not sys.stderr.isatty())
-    results: List[Result] = []
-    notes: Dict[str, str] = {}
-    versions: Dict[str, str] = {}
+    bar = progress_bar(len(args.tokens) * (args.warmup + args.repeat) * len(providers),
+                       args.no_progress)
     try:
-        for tokens in args.tokens:
-            try:
-                cases = make_providers(args.layer, in_f, out_f, tokens, args.rank, alpha, p,
-                                       args.dtype, device, enable, args.kernel_size,
-                                       args.image_size, providers, args.seed)
-            except ValueError as e:
-                bar.close()
-                ap.error(str(e))
-            for c in cases.values():
-                if c.skip is not None:
-                    bar.update(args.warmup + args.repeat)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="lora_kernels: running the unfused")
-                res = run_cases(cases, args.repeat, args.warmup, device, bar, timing,
-                                args.warmup_ms, args.rep_ms)
-            for c in cases.values():
-                if c.skip is not None:
-                    failed = c.skip.startswith(("failed", "setup failed"))
-                    notes.setdefault(c.provider, c.skip if failed else f"skipped: {c.skip}")
-                else:
-                    notes.setdefault(c.provider, c.description)
-                    versions[c.provider] = c.version
-            results += [res[name] for name in providers if name in res]
-            del cases, res
-            gc.collect()
+        run = sweep(args, setup, p, providers, timing, bar, ap)
     finally:
         bar.close()
+    results, versions = run.results, run.versions
 
     floor = {r.tokens: r.median for r in results if r.provider == "floor"}
     print(format_table(results, floor, cuda))
@@ -193,15 +164,10 @@ def _run(args, argv, providers, in_f, out_f, alpha, p, enable, kernel, device, a
     print(timing_note(timing, args.repeat, args.warmup, args.warmup_ms, args.rep_ms))
     print(HELD_METHOD + (". peak MB: torch.cuda.max_memory_allocated during one step, less "
                          "what was allocated before it" if cuda else ""))
-    if args.layer == "conv2d":
-        b, side = conv_geometry(args.tokens[0], args.image_size)
-        print(f"conv2d: tokens = batch*H*W with square images (e.g. {args.tokens[0]} -> "
-              f"{b} x {side}x{side}), padding {args.kernel_size // 2}")
-    if args.layer == "embedding" and args.dropout:
-        print(f"embedding: --dropout {args.dropout} ignored (loralib's Embedding has no dropout)")
-    for name in providers:
-        if name in notes:
-            print(f"  {name:<13} {notes[name]}")
+    for line in (layer_notes(args.layer, args.tokens[0], args.image_size, args.kernel_size,
+                             [args.dropout])
+                 + provider_notes(providers, run.notes)):
+        print(line)
 
     rows = csv_rows(kernel, results, versions, device)
     if args.csv:

@@ -1,5 +1,5 @@
-"""What a run prints and writes: the machine line, the table, the CSV rows
-(Liger-Kernel long format) and the plot.
+"""What a run prints and writes: the header, the table, the notes, the CSV
+rows (Liger-Kernel long format) and the plot.
 """
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import csv
 import itertools
 import os
 import platform
-from typing import Dict, List
+import shlex
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .cases import MODE
+from .. import __version__
+from .cases import MODE, conv_geometry, lora_kernels_backend
 from .measure import Result
 
 CSV_COLUMNS = ("kernel", "provider", "mode", "metric", "unit", "x", "median", "p20", "p80",
@@ -41,6 +43,18 @@ def machine_line(device) -> str:
     return ", ".join(parts)
 
 
+def header(title: str, device, argv: Sequence[str], heap: Optional[str]) -> str:
+    """The lines a run starts with: what is timed, the machine, the version and
+    backend, the command, and what ``--heap`` set (``heap``, None: nothing)."""
+    return "\n".join([
+        f"lora_kernels.bench: {title}",
+        f"machine: {machine_line(device)}",
+        f"lora_kernels {__version__}, backend: {lora_kernels_backend(device)}",
+        f"command: python -m lora_kernels.bench {shlex.join(argv)}".rstrip(),
+        f"heap: {heap or 'allocator defaults'}",
+    ])
+
+
 def device_label(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -60,6 +74,12 @@ def format_table(results: List[Result], floor: Dict[int, float], cuda: bool) -> 
         if cuda:
             row.append("-" if r.peak is None else f"{r.peak / MB:.3f}")
         rows.append(row)
+    return aligned(head, rows, [r.tokens for r in results])
+
+
+def aligned(head: List[str], rows: List[List[str]], groups: Sequence) -> str:
+    """``rows`` under ``head``, the first two columns left-aligned and the
+    others right-aligned; a blank line wherever ``groups`` (a key per row) changes."""
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(head)]
 
@@ -68,12 +88,32 @@ def format_table(results: List[Result], floor: Dict[int, float], cuda: bool) -> 
                          for i, (c, w) in enumerate(zip(cells, widths)))
     lines = [fmt(head), "  ".join("-" * w for w in widths)]
     prev = None
-    for r, row in zip(results, rows):
-        if prev is not None and r.tokens != prev:
+    for group, row in zip(groups, rows):
+        if prev is not None and group != prev:
             lines.append("")
-        prev = r.tokens
+        prev = group
         lines.append(fmt(row))
     return "\n".join(lines)
+
+
+def layer_notes(layer: str, tokens: int, image_size: int, kernel_size: int,
+                dropouts: Sequence[float]) -> List[str]:
+    """What a conv2d run's tokens mean (shown for ``tokens``), and that an
+    embedding ignores ``dropouts``."""
+    out = []
+    if layer == "conv2d":
+        b, side = conv_geometry(tokens, image_size)
+        out.append(f"conv2d: tokens = batch*H*W with square images (e.g. {tokens} -> "
+                   f"{b} x {side}x{side}), padding {kernel_size // 2}")
+    if layer == "embedding" and any(dropouts):
+        out.append(f"embedding: --dropout {' '.join(map(str, dropouts))} ignored (loralib's "
+                   "Embedding has no dropout)")
+    return out
+
+
+def provider_notes(providers: Sequence[str], notes: Dict[str, str]) -> List[str]:
+    """One line per provider that has a note, in ``providers`` order."""
+    return [f"  {name:<13} {notes[name]}" for name in providers if name in notes]
 
 
 def csv_rows(kernel: str, results: List[Result], versions: Dict[str, str], device) -> List[dict]:
