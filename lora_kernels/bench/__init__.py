@@ -59,14 +59,36 @@ among them, leaving out the layer's parameters and buffers, the input and the
 output (memory the caller holds anyway). A tensor kept on ``ctx`` as a plain
 attribute is not seen; none of the providers here does that.
 
+Overhead mode
+-------------
+``python -m lora_kernels.bench --overhead`` measures the host cost of a step:
+at small shapes a step is mostly machinery (Python, operator dispatch,
+autograd, allocation) rather than arithmetic. Its preset: a linear layer
+64 -> 64, 16 tokens, rank 8, one thread, providers floor, lora_kernels,
+loralib, peft, dropout 0.05 and 0, 400 repetitions after 50 warmup steps,
+timed as above (round robin on CPU). Options given on the command line
+override the preset; ``--dropout`` takes several values in this mode. For each
+dropout value a table gives, per provider, the median, p20 and p80 µs per
+step, the µs above the floor (median − floor's median: what the LoRA branch
+and its machinery add) and that cost as a ratio of loralib's (``x loralib``).
+
+Profile
+-------
+``--profile`` (in either mode) then runs ``--profile-steps`` steps (200) of
+the lora_kernels provider, built as for the timing, at the first ``--tokens``
+value (with ``--overhead``: at each dropout value) under ``torch.profiler``
+with CPU activities, and prints the top 20 ops by self CPU time and the total
+per step. Where the profiler cannot run, one line says why.
+
 The setup is shared with ``benchmarks/test_bench_layers.py`` (pytest-benchmark):
 ``make_providers`` builds the cases, ``Case.step`` is what gets timed.
 
 The package, one file per job: ``cases`` (the providers: ``make_providers``,
 ``Case``), ``measure`` (``held_bytes``, ``run_cases``, ``Result``), ``heap``
 (``--heap``), ``sweep`` (build and time the providers at each ``--tokens``
-value), ``report`` (the header, the table, the notes, the CSV, the plot) and
-``cli`` (the arguments and the run; ``__main__`` calls it).
+value), ``report`` (the header, the table, the notes, the CSV, the plot),
+``overhead`` (``--overhead``), ``profile`` (``--profile``) and ``cli`` (the
+arguments and the run; ``__main__`` calls it).
 """
 from .cases import (BACKEND_PROVIDERS, DEFAULT_FEATURES, DEFAULT_PROVIDERS, DTYPES, LAYERS,
                     MODE, PROVIDERS, Case, conv_geometry, default_providers, forced_backend,

@@ -1,6 +1,7 @@
 """The command line: ``python -m lora_kernels.bench``'s arguments, and the run
 that prints the header, times every provider at each ``--tokens`` value and
-prints the table (and writes the CSV and the plot).
+prints the table (and writes the CSV and the plot). ``--overhead`` hands the
+run to ``overhead.run_overhead``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from .cases import (DEFAULT_FEATURES, DEFAULT_PROVIDERS, DTYPES, LAYERS, MODE, P
                     default_providers, kernel_name, parse_enable_lora)
 from .heap import HEAPS, keep_freed_memory
 from .measure import HELD_METHOD, default_timing, timing_note
+from .overhead import PRESET, preset_options, run_overhead
+from .profile import profile_lines
 from .report import (append_csv, csv_rows, device_label, format_table, header, layer_notes,
                      plot, provider_notes)
 from .sweep import progress_bar, sweep
@@ -32,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time forward+backward of one LoRA layer for several providers "
                     f"({', '.join(PROVIDERS)}) and print a table. triton and cuda are the "
                     "lora_kernels layer with that backend forced for forward and backward "
-                    "(skipped, with the reasons, where the backend cannot run).",
+                    "(skipped, with the reasons, where the backend cannot run). --overhead "
+                    "times the host cost of a step at a small shape instead; --profile shows "
+                    "where a lora_kernels step's time goes.",
         epilog=HELD_METHOD + ". Times: `y = layer(x); y.backward(g)` with grads set to None "
                "before each run; on cpu wall clock (time.perf_counter) with providers "
                "interleaved round robin (--repeat, --warmup); on cuda "
@@ -53,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "--image-size); several values give several rows/points")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2*rank)")
-    ap.add_argument("--dropout", type=float, default=0.05,
-                    help="lora_dropout (ignored for embedding, which loralib gives none)")
+    ap.add_argument("--dropout", type=float, nargs="+", default=0.05,
+                    help="lora_dropout (ignored for embedding, which loralib gives none); "
+                         "several values only with --overhead, a table each")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--repeat", type=int, default=20,
                     help="cpu: timed repetitions (median, p20, p80 reported); unused on cuda")
@@ -90,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--csv", metavar="PATH", help="append rows (Liger-Kernel long format)")
     ap.add_argument("--plot", metavar="PNG", help="plot time vs tokens of this run's rows")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--overhead", action="store_true",
+                    help="overhead mode: the host cost of a step (Python, dispatch, autograd, "
+                         "allocation) at a small shape; per --dropout value a table of each "
+                         "provider's median µs per step, its cost above the floor and that "
+                         "cost as a ratio of loralib's. Preset (options given explicitly "
+                         "win): " + preset_options())
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, run --profile-steps steps of the lora_kernels provider "
+                         "at the first --tokens value (with --overhead: at each --dropout "
+                         "value) under torch.profiler and print the top ops by self CPU time "
+                         "and the total per step")
+    ap.add_argument("--profile-steps", type=int, default=200,
+                    help="steps run under the profiler with --profile (after --warmup)")
     return ap
 
 
@@ -97,13 +116,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    if args.overhead:  # parsed again over the preset, so that explicit options win
+        ap.set_defaults(**PRESET)
+        args = ap.parse_args(argv)
+    if not isinstance(args.dropout, list):  # the default, a single value
+        args.dropout = [args.dropout]
+    if len(args.dropout) > 1 and not args.overhead:
+        ap.error(f"--dropout: got {args.dropout}, expected one value (several only with "
+                 "--overhead)")
+    if args.overhead:  # several values: all checked before the first table
+        for d in args.dropout:
+            if not 0.0 <= d < 1.0:
+                ap.error(f"--dropout: got {d!r}, expected floats in [0, 1)")
+    if args.overhead and args.plot:
+        ap.error(f"--plot: got {args.plot!r}, expected none with --overhead (the plot is time "
+                 "against tokens; --overhead prints tables)")
     providers = (list(default_providers(args.device)) if args.providers is None
                  else _providers_arg(args.providers))
     bad = [p for p in providers if p not in PROVIDERS]
     if bad or not providers:
         ap.error(f"--providers: got {bad or providers}, expected names among "
                  f"{', '.join(PROVIDERS)}")
-    for name in ("repeat", "rank", "kernel_size", "image_size"):
+    for name in ("repeat", "rank", "kernel_size", "image_size", "profile_steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected >= 1")
     for name in ("warmup_ms", "rep_ms"):
@@ -121,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     in_f = args.in_features or d_in
     out_f = args.out_features or d_out
     alpha = 2 * args.rank if args.alpha is None else args.alpha
-    p = 0.0 if args.layer == "embedding" else args.dropout
+    p = 0.0 if args.layer == "embedding" else args.dropout[0]
     try:
         enable = parse_enable_lora(args.enable_lora)
         kernel = kernel_name(args.layer, in_f, out_f, args.rank, p, args.dtype, enable,
@@ -137,6 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
+        if args.overhead:
+            return run_overhead(args, argv, providers, setup, ap)
         return _run(args, argv, providers, setup, p, kernel, ap)
     finally:
         torch.set_num_threads(threads_before)
@@ -165,7 +201,7 @@ def _run(args, argv, providers, setup, p, kernel, ap) -> int:
     print(HELD_METHOD + (". peak MB: torch.cuda.max_memory_allocated during one step, less "
                          "what was allocated before it" if cuda else ""))
     for line in (layer_notes(args.layer, args.tokens[0], args.image_size, args.kernel_size,
-                             [args.dropout])
+                             args.dropout)
                  + provider_notes(providers, run.notes)):
         print(line)
 
@@ -176,4 +212,8 @@ def _run(args, argv, providers, setup, p, kernel, ap) -> int:
     if args.plot:
         plot(args.plot, rows, f"{kernel}, {MODE} (fwd+bwd), {device_label(device)}")
         print(f"plot: {args.plot}")
+    if args.profile:
+        print()
+        print("\n".join(profile_lines(setup, args.tokens[0], p, args.profile_steps,
+                                      args.warmup)))
     return 0

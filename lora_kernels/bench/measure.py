@@ -94,17 +94,20 @@ def _do_bench(fn: Callable[[], None], warmup_ms: float, rep_ms: float) -> List[f
     return list(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
 
 
-def timing_note(timing: str, repeat: int, warmup: int, warmup_ms: float, rep_ms: float) -> str:
+def timing_note(timing: str, repeat: int, warmup: int, warmup_ms: float, rep_ms: float,
+                x_floor: bool = True) -> str:
+    """How the times were taken (and, with ``x_floor``, what the x floor column is)."""
     what = "`y = layer(x); y.backward(g)`"
+    tail = "; x floor = median / floor's median" if x_floor else ""
     if timing == "do_bench":
         return (f"times: triton.testing.do_bench (CUDA events, L2 cache cleared before each run) "
                 f"of {what} with the grads set to None inside the timed callable, "
                 f"warmup {warmup_ms:g} ms, rep {rep_ms:g} ms, providers one after another "
                 f"(after {warmup} untimed steps each); median, p20, p80 from "
-                "quantiles=[0.5, 0.2, 0.8]; x floor = median / floor's median")
+                "quantiles=[0.5, 0.2, 0.8]" + tail)
     return (f"times: wall clock (time.perf_counter) of {what} over {repeat} repetitions "
             f"(+{warmup} warmup), grads set to None between them, providers interleaved "
-            "round robin; x floor = median / floor's median")
+            "round robin" + tail)
 
 
 def run_cases(cases: Dict[str, Case], repeat: int, warmup: int, device, progress=None,
