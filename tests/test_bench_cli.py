@@ -224,7 +224,7 @@ def test_do_bench_timing_wiring(monkeypatch):
             fn()  # B's grad would double if fn did not set it to None first
         grads.append(cases["loralib"].trainable[1].grad)  # None after floor's turn
         return [2.0, 1.0, 3.0]
-    monkeypatch.setattr(bench, "_do_bench", fake)
+    monkeypatch.setattr(bench.measure, "_do_bench", fake)  # where run_cases looks it up
     res = bench.run_cases(cases, repeat=5, warmup=1, device="cpu", timing="do_bench",
                           warmup_ms=7, rep_ms=11)
     assert seen == [(7, 11), (7, 11)] and set(res) == {"floor", "loralib"}
@@ -271,3 +271,118 @@ def test_heap_line_and_option(capsys):
         assert line == "heap: allocator defaults"
     with pytest.raises(SystemExit):
         bench.main(TINY + ["--heap", "never"])
+
+
+OVERHEAD_TINY = ["--overhead", "--repeat", "3", "--warmup", "1", "--no-progress"]
+OVERHEAD_HEAD = ["tokens", "provider", "median µs", "p20 µs", "p80 µs", "above floor µs",
+                 "x loralib"]
+
+
+def _tables(out: str):
+    """Every table in ``out``: (the line above it, its head, its rows)."""
+    lines = out.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.startswith("tokens  provider"):
+            _, rows = _table("\n".join(lines[i:]))
+            found.append((lines[i - 1], [c.strip() for c in line.split("  ") if c.strip()],
+                          rows))
+    return found
+
+
+def test_overhead_mode_tables(capsys):
+    """--overhead: the preset's shape, providers and dropout values, a table per
+    dropout value with the cost above the floor and the ratio to loralib's."""
+    assert bench.main(OVERHEAD_TINY) == 0
+    out = capsys.readouterr().out
+    assert "command: python -m lora_kernels.bench --overhead --repeat 3" in out
+    assert ", 1 torch threads," in out and "round robin" in out and "heap:" in out
+    assert "median ms" not in out and "held MB" not in out
+    tables = _tables(out)
+    kernel = "lora_linear_in64_out64_r8_p{}_float32"
+    assert [t[0] for t in tables] == [f"dropout 0.05: {kernel.format('0.05')}",
+                                      f"dropout 0: {kernel.format('0')}"]
+    for _, head, rows in tables:
+        assert head == OVERHEAD_HEAD
+        assert [r[1] for r in rows] == ["floor", "lora_kernels", "loralib", "peft"]
+        assert all(len(r) == len(head) and r[0] == "16" for r in rows)
+        by = {r[1]: r for r in rows}
+        floor = float(by["floor"][2])
+        for r in rows:
+            median, p20, p80 = map(float, r[2:5])
+            assert 0 < p20 <= median <= p80
+            assert float(r[5]) == pytest.approx(median - floor, abs=0.11)  # rounding to 0.1
+        assert by["floor"][5] == "0.0"
+        assert by["loralib"][6] == "1.00"
+        ratio = float(by["lora_kernels"][6])
+        assert math.isfinite(ratio)
+        loralib = float(by["loralib"][5])
+        if abs(loralib) >= 10:  # the printed values are rounded to 0.1 µs
+            assert ratio == pytest.approx(float(by["lora_kernels"][5]) / loralib, rel=0.02,
+                                          abs=0.011)
+
+
+def test_overhead_options_override_the_preset(tmp_path, capsys):
+    path = tmp_path / "overhead.csv"
+    argv = OVERHEAD_TINY + ["--providers", "floor", "lora_kernels", "--dropout", "0.1",
+                            "--tokens", "8", "--in-features", "24", "--csv", str(path)]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    tables = _tables(out)
+    assert [t[0] for t in tables] == ["dropout 0.1: lora_linear_in24_out64_r8_p0.1_float32"]
+    rows = tables[0][2]
+    assert [(r[0], r[1]) for r in rows] == [("8", "floor"), ("8", "lora_kernels")]
+    assert all(r[6] == "-" for r in rows)  # no loralib to compare with
+    with open(path, newline="") as f:
+        recs = list(csv.DictReader(f))
+    assert {r["kernel"] for r in recs} == {"lora_linear_in24_out64_r8_p0.1_float32"}
+    assert len(recs) == 2 * 2  # speed + memory per provider
+
+
+def test_overhead_and_dropout_arguments_rejected(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--dropout", "0.1", "0"])
+    assert "--dropout: got [0.1, 0.0], expected one value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(OVERHEAD_TINY + ["--dropout", "0.1", "1.5"])
+    assert "--dropout: got 1.5, expected floats in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(OVERHEAD_TINY + ["--plot", "x.png"])
+    assert "--plot: got 'x.png', expected none with --overhead" in capsys.readouterr().err
+
+
+def test_profile_in_both_modes(capsys):
+    """--profile prints the profiler's table of a lora_kernels step after the
+    timing: at each dropout value with --overhead, once in the table mode."""
+    argv = OVERHEAD_TINY + ["--providers", "floor", "loralib", "--profile",
+                            "--profile-steps", "3"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert len(_tables(out)) == 2
+    heads = [x for x in out.splitlines() if x.startswith("profile: ")]
+    assert [h.split(":")[1] for h in heads] == [" lora_kernels, tokens 16, dropout 0.05",
+                                                " lora_kernels, tokens 16, dropout 0"]
+    assert all("3 steps of `y = layer(x); y.backward(g)`" in h for h in heads)
+    assert out.count("Self CPU time total") == 2 and out.count("per step: ") == 2
+    assert "lora_kernels::lora_linear_fwd" in out  # the op of the profiled layer
+
+    assert bench.main(TINY + ["--tokens", "8", "--providers", "floor", "--profile",
+                              "--profile-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    head, _ = _table(out)
+    assert head == TABLE_HEAD
+    assert "profile: lora_kernels, tokens 8, dropout 0.05: 2 steps" in out
+    assert out.count("Self CPU time total") == 1
+
+
+def test_profile_failure_is_one_line(monkeypatch, capsys):
+    import torch.profiler
+
+    def broken(*args, **kw):
+        raise RuntimeError("no profiler here")
+    monkeypatch.setattr(torch.profiler, "profile", broken)
+    assert bench.main(TINY + ["--tokens", "8", "--providers", "floor", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1] == ("profile: lora_kernels, tokens 8, dropout 0.05: "
+                                             "the profiler failed (RuntimeError: no profiler "
+                                             "here)")
