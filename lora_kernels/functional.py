@@ -17,7 +17,7 @@ With the compiled extension, ``lora_linear``/``lora_grouped_linear`` and
 (``csrc/lora_linear.cpp``, ``csrc/lora_embedding.cpp``), which do all of the
 above. ``_linear_composite``/``_embedding_composite`` below are the same in
 Python: they run without the extension, and when a backend is asked for by
-name (the ops' Python routes, ``lora_kernels.ops``).
+name (the ops' Python routes, ``lora_kernels.routes``).
 """
 from __future__ import annotations
 
@@ -26,8 +26,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import distributed
-from . import ops
+from . import distributed, ops, routes
 
 _lk = torch.ops.lora_kernels
 
@@ -265,7 +264,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 # The composites are the routes of the C++ composite ops when a backend is
 # asked for by name: they call the kernels' own routes (that backend).
 if ops.NATIVE:
-    ops._route(_lk.lora_linear.default,
-               lambda *a: _linear_composite(ops.ROUTES[ops.lora_linear_fwd], *a))
-    ops._route(_lk.lora_embedding.default,
-               lambda *a: _embedding_composite(ops.ROUTES[ops.lora_embedding_fwd], *a))
+    routes.route(_lk.lora_linear.default,
+                 lambda *a: _linear_composite(routes.ROUTES[ops.lora_linear_fwd], *a))
+    routes.route(_lk.lora_embedding.default,
+                 lambda *a: _embedding_composite(routes.ROUTES[ops.lora_embedding_fwd], *a))

@@ -36,11 +36,24 @@ def _cpu_lines() -> list:
     return [f"cpu SIMD: {isa}", f"cpu row kernels (float32 embedding): {rows}"]
 
 
+def _ops_line() -> str:
+    """How the ops reach their kernels."""
+    from . import ops
+    if not ops.NATIVE:
+        return ("ops: defined in Python (lora_kernels._C is not built): the reference "
+                "backend, Python autograd")
+    line = "ops: compiled (lora_kernels._C): the dispatcher runs the C++ kernels and autograd"
+    env = backends.env_choice()
+    if env != "auto":
+        line += f"; LORA_KERNELS_BACKEND={env}: the CPU and CUDA kernels are {env}'s"
+    return line
+
+
 def report() -> str:
     lines = [f"lora_kernels {__version__}", f"torch {torch.__version__}",
              f"python {sys.version.split()[0]} ({platform.machine()})",
-             f"requested backend: {backends.requested()}", _cuda_extension_line(),
-             *_cpu_lines()]
+             f"requested backend: {backends.requested()}", _ops_line(),
+             _cuda_extension_line(), *_cpu_lines()]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         try:

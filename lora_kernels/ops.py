@@ -16,17 +16,14 @@ what Python has to:
 * the ops that run once per train()/eval() switch: ``merge_``/``unmerge_``
   (``custom_op``s, which also bump W's version counter) and
   ``merged_weight``;
-* the Python routes used when a backend is asked for by name: under
-  ``use_backend(name)`` a TorchFunctionMode (``_Route``) sends the ops
-  through the autograd.Functions below, which run that backend and keep it
-  for their backward (also on autograd's device thread); with
-  ``LORA_KERNELS_BACKEND`` set when lora_kernels is imported, the device
-  kernels of the ops are that backend's, for the whole process. Asking for a
-  device's own C++ backend (cpu on CPU tensors, cuda on CUDA tensors) takes
-  the C++ path.
+* with ``LORA_KERNELS_BACKEND`` set when lora_kernels is imported, the
+  device kernels of the ops become that backend's, for the whole process.
 
-Without the compiled extension every op is defined here, with these Python
-autograd.Functions on the Autograd key and the reference backend.
+A backend asked for by name with ``use_backend`` takes the Python path of
+``lora_kernels.routes`` (autograd.Functions that keep it for backward), as
+do the ops when the compiled extension is not built (every op is then
+defined here, on the reference backend). Asking for a device's own C++
+backend (cpu on CPU tensors, cuda on CUDA tensors) takes the C++ path.
 
 The backends implement the same functions with the same arguments:
 ``lora_linear_fwd(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
@@ -61,12 +58,10 @@ padding_idx, output_mask) -> (dweight, dA, dB)``
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
-from torch.overrides import TorchFunctionMode
 
 from . import backends
 
@@ -82,13 +77,11 @@ if NATIVE:
         pass
 
 _NS = "lora_kernels"
-_LIB = torch.library.Library(_NS, "FRAGMENT")
+LIB = torch.library.Library(_NS, "FRAGMENT")
 # The ops the compiled extension defines (csrc/op_schemas.h); the others
 # (merge_, unmerge_, merged_weight) are always defined here.
-_NATIVE_OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_embedding_fwd",
+NATIVE_OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_embedding_fwd",
                "lora_embedding_bwd", "dropout", "lora_linear", "lora_embedding")
-# op -> its Python route, used when a backend is asked for by name (_Route).
-ROUTES: Dict[object, Callable] = {}
 
 
 def lowrank_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,72 +103,11 @@ def _define(schema: str, impl, fake):
     CompositeExplicitAutograd: every device, when the op is defined here) and
     ``fake`` as its fake kernel; returns the op (its default overload)."""
     name = schema.split("(", 1)[0]
-    if not (NATIVE and name in _NATIVE_OPS):
-        _LIB.define(schema)
-    _LIB.impl(name, impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{_NS}::{name}", fake, lib=_LIB)
-    op = getattr(getattr(torch.ops, _NS), name).default
-    _route(op, lambda *args: _run(op, impl, *args))
-    return op
-
-
-def _route(op, fn) -> None:
-    """``fn`` runs ``op`` when a backend is asked for by name (see _Route)."""
-    ROUTES[op] = fn
-    ROUTES[op.overloadpacket] = fn
-
-
-def _register_autograd(op, function, differentiable_args, impl) -> None:
-    """The Python autograd of ``op``: ``function.apply`` (an autograd.Function
-    whose forward runs ``impl``, the backend asked for, below autograd) when
-    a graph is needed, ``impl`` directly otherwise. It is the op's route for
-    a backend asked for by name, and, when the op is defined here, its
-    autograd kernel (the compiled extension has its own, in C++)."""
-    def autograd_kernel(*args):
-        if torch.is_grad_enabled() and any(
-                args[i] is not None and args[i].requires_grad for i in differentiable_args):
-            return function.apply(*args)
-        return _run(op, impl, *args)
-
-    _route(op, autograd_kernel)
-    name = op._schema.name.split("::", 1)[1]
-    if not (NATIVE and name in _NATIVE_OPS):
-        _LIB.impl(name, autograd_kernel, "Autograd")
-
-
-def _below_autograd(op, *args):
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _run(op, impl, *args):
-    """``op(*args)`` below autograd, from inside the op's own autograd.Function.
-
-    With plain tensors and no Python dispatch mode active (no FakeTensor, no
-    functionalization, no user mode that must see the op), the op's
-    implementation ``impl`` is called directly: the second trip through the
-    dispatcher into Python would only lead there, and costs ~0.1 ms per call
-    with the interpreter's caches cold. Otherwise the op is redispatched."""
-    if torch._C._len_torch_dispatch_stack() == 0 and all(
-            type(a) in _PLAIN for a in args if isinstance(a, Tensor)):
-        return impl(*args)
-    return _below_autograd(op, *args)
-
-
-def _run_backward(ctx, op, impl, *args):
-    """``_run`` for a backward op, on the backend its forward asked for
-    (``ctx.backend``): backward may run on another thread (CUDA's device
-    thread) or outside the forward's use_backend() block."""
-    with backends.use_backend(ctx.backend):
-        return _run(op, impl, *args)
-
-
-def _asked(grads, mask):
-    """The gradients asked for (``mask``), None for the others."""
-    return tuple(g if want else None for g, want in zip(grads, mask))
+    if not (NATIVE and name in NATIVE_OPS):
+        LIB.define(schema)
+    LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{_NS}::{name}", fake, lib=LIB)
+    return getattr(getattr(torch.ops, _NS), name).default
 
 
 # ---------------------------------------------------------------------------
@@ -230,41 +162,6 @@ lora_linear_bwd = _define(
     "Tensor)", _linear_bwd_impl, _linear_bwd_fake)
 
 
-class _LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
-                num_groups, groups):
-        y, s = _run(lora_linear_fwd, _linear_fwd_impl, x, weight, bias, lora_A, lora_B, seed,
-                    scaling, dropout_p, fan_in_fan_out, num_groups, groups)
-        ctx.mark_non_differentiable(s)
-        ctx.set_materialize_grads(False)  # s gets no gradient: no zeros made for it
-        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        ctx.output_mask = [need_x, need_w, need_b, need_a, need_bb]
-        ctx.args = (scaling, dropout_p, fan_in_fan_out, num_groups, list(groups))
-        # Held for backward: x only when dA or dW needs it; s (tokens×r) only
-        # when dB or dx/dA need the low-rank branch; the seed (8 bytes) so the
-        # mask is regenerated, never stored. weight, A and B are parameters.
-        keep_x = x if (need_a or need_w) else None
-        ctx.save_for_backward(keep_x, weight, lora_A, lora_B, s, seed)
-        ctx.backend = backends.requested()  # for backward: see _run_backward
-        return y, s
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y, grad_s):
-        if grad_y is None:
-            return (None,) * 11
-        x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
-        if x is None:
-            x = grad_y.new_empty(0)
-        grads = _run_backward(ctx, lora_linear_bwd, _linear_bwd_impl, grad_y, x, weight,
-                              lora_A, lora_B, s, seed, *ctx.args, ctx.output_mask)
-        return _asked(grads, ctx.output_mask) + (None,) * 6
-
-
-_register_autograd(lora_linear_fwd, _LinearFunction, (0, 1, 2, 3, 4), _linear_fwd_impl)
-
-
 # ---------------------------------------------------------------------------
 # Embedding
 # ---------------------------------------------------------------------------
@@ -306,37 +203,6 @@ lora_embedding_bwd = _define(
     "lora_embedding_bwd(Tensor grad, Tensor indices, Tensor weight, Tensor lora_A, "
     "Tensor lora_B, Tensor s, float scaling, int padding_idx, bool[] output_mask) -> "
     "(Tensor, Tensor, Tensor)", _embedding_bwd_impl, _embedding_bwd_fake)
-
-
-class _EmbeddingFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, indices, weight, lora_A, lora_B, scaling, padding_idx):
-        y, s = _run(lora_embedding_fwd, _embedding_fwd_impl, indices, weight, lora_A, lora_B,
-                    scaling, padding_idx)
-        ctx.mark_non_differentiable(s)
-        ctx.set_materialize_grads(False)  # s gets no gradient: no zeros made for it
-        ctx.output_mask = list(ctx.needs_input_grad[1:4])
-        ctx.scaling = scaling
-        ctx.padding_idx = padding_idx
-        # Held for backward: the indices, s = Aᵀ[indices] (tokens×r) and the
-        # parameters.
-        ctx.save_for_backward(indices, weight, lora_A, lora_B, s)
-        ctx.backend = backends.requested()  # for backward: see _run_backward
-        return y, s
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y, grad_s):
-        if grad_y is None:
-            return (None,) * 6
-        indices, weight, lora_A, lora_B, s = ctx.saved_tensors
-        grads = _run_backward(ctx, lora_embedding_bwd, _embedding_bwd_impl, grad_y, indices,
-                              weight, lora_A, lora_B, s, ctx.scaling, ctx.padding_idx,
-                              ctx.output_mask)
-        return (None,) + _asked(grads, ctx.output_mask) + (None, None)
-
-
-_register_autograd(lora_embedding_fwd, _EmbeddingFunction, (1, 2, 3), _embedding_fwd_impl)
 
 
 # ---------------------------------------------------------------------------
@@ -389,28 +255,6 @@ merged_weight = _define(
     _merged_weight_impl, _merged_weight_fake)
 
 
-class _MergedWeightFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, lora_A, lora_B, scaling):
-        out = _below_autograd(merged_weight, weight, lora_A, lora_B, scaling)
-        ctx.scaling = scaling
-        ctx.save_for_backward(lora_A, lora_B)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        lora_A, lora_B = ctx.saved_tensors
-        g = grad.reshape(lora_B.shape[0], lora_A.shape[1]).to(lora_A.dtype) * ctx.scaling
-        need_w, need_a, need_b = ctx.needs_input_grad[:3]
-        return (grad if need_w else None,
-                lora_B.t() @ g if need_a else None,
-                g @ lora_A.t() if need_b else None,
-                None)
-
-
-_register_autograd(merged_weight, _MergedWeightFunction, (0, 1, 2), _merged_weight_impl)
-
-
 def _dropout_impl(x, seed, p):
     return backends.for_device(x.device).dropout(x, seed, p)
 
@@ -423,72 +267,8 @@ dropout = _define("dropout(Tensor x, Tensor seed, float p) -> Tensor", _dropout_
                   _dropout_fake)
 
 
-class _DropoutFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, seed, p):
-        out = _run(dropout, _dropout_impl, x, seed, p)
-        ctx.p = p
-        ctx.save_for_backward(seed)
-        ctx.backend = backends.requested()
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (seed,) = ctx.saved_tensors
-        # The mask depends only on (seed, position): the gradient is the same map.
-        with backends.use_backend(ctx.backend):
-            return dropout(grad.contiguous(), seed, ctx.p), None, None
-
-
-_register_autograd(dropout, _DropoutFunction, (0,), _dropout_impl)
-
-
 OPS: Sequence = (lora_linear_fwd, lora_linear_bwd, lora_embedding_fwd, lora_embedding_bwd,
                  merge_, unmerge_, merged_weight, dropout)
-
-
-# ---------------------------------------------------------------------------
-# A backend asked for by name
-# ---------------------------------------------------------------------------
-
-def _native_backend(device: torch.device):
-    """The backend whose C++ kernels the dispatcher runs on ``device``."""
-    if not NATIVE:
-        return None
-    if device.type == "cpu":
-        return "cpu"
-    if device.type == "cuda" and not backends.reasons("cuda", device):
-        return "cuda"
-    return None
-
-
-def _device_of(args):
-    for a in args:
-        if isinstance(a, Tensor):
-            return a.device
-    return None
-
-
-class _Route(TorchFunctionMode):
-    """Pushed by ``use_backend(name)``: the lora_kernels ops run through their
-    Python routes (the autograd.Functions above, on backend ``name``, kept for
-    backward) unless ``name`` is auto or the device's own C++ backend, where
-    they take the C++ path. Everything else passes through.""" 
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        route = ROUTES.get(func)
-        # While torch.compile traces, the op itself goes into the graph; the
-        # compiled code's op calls come through here again when they run.
-        if route is not None and not torch.compiler.is_compiling():
-            name = backends.requested()
-            device = _device_of(args)
-            if name != "auto" and (device is None or name != _native_backend(device)):
-                return route(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-backends.set_route_mode(_Route)
 
 
 def _route_devices_to_env_backend() -> None:
@@ -506,7 +286,7 @@ def _route_devices_to_env_backend() -> None:
         for key, native in (("CPU", "cpu"), ("CUDA", "cuda")):
             if name != native:
                 for op, impl in impls.items():
-                    _LIB.impl(op, impl, key)
+                    LIB.impl(op, impl, key)
 
 
 _route_devices_to_env_backend()
@@ -533,7 +313,7 @@ def _decompose_when_traceable(op, device_arg: int, call) -> None:
         with mode:
             return call(backend, *args, **kwargs)
 
-    torch.library.register_torch_dispatch(op, FunctionalTensorMode, decompose, lib=_LIB)
+    torch.library.register_torch_dispatch(op, FunctionalTensorMode, decompose, lib=LIB)
 
 
 _decompose_when_traceable(lora_linear_fwd, 0, lambda b, *a: b.lora_linear_fwd(*a))
@@ -542,3 +322,6 @@ _decompose_when_traceable(lora_embedding_fwd, 1,  # padding_idx is for backward 
                           lambda b, *a: b.lora_embedding_fwd(*a[:5]))
 _decompose_when_traceable(lora_embedding_bwd, 0, lambda b, *a: b.lora_embedding_bwd(*a))
 _decompose_when_traceable(dropout, 0, lambda b, *a: b.dropout(*a))
+
+
+from . import routes  # noqa: E402,F401  (the Python autograd and the named-backend routes)

@@ -1,7 +1,6 @@
 """Backend selection, forcing, fallback and the info report."""
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -101,6 +100,8 @@ def test_info_lists_every_backend():
         assert f"  {name} " in out
     assert "cpu: auto picks" in out
     assert "cpu row kernels" in out
+    from lora_kernels import ops
+    assert ("ops: compiled" if ops.NATIVE else "ops: defined in Python") in out
 
 
 def test_info_says_whether_the_row_kernels_run():
