@@ -42,10 +42,11 @@ step() {
 }
 
 step nvidia_smi 20 nvidia-smi 2>&1 | tee "$OUT/versions.txt" || true
-# The CUDA extension for this GPU (sm_90), in place; the CPU extension is not
-# needed here (a copy built against another torch would not load anyway).
-step build_cuda 90 env LORA_KERNELS_CUDA=only TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
-    "$PY" setup.py -q build_ext --inplace 2>&1 | tail -n 20 | tee "$OUT/build_cuda.txt" || true
+# Both extensions, in place, against this machine's torch: lora_kernels._C
+# defines the ops (their C++ autograd and composites), lora_kernels._C_cuda
+# adds the CUDA kernels for this GPU (sm_90).
+step build 150 env LORA_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    "$PY" setup.py -q build_ext --inplace 2>&1 | tail -n 20 | tee "$OUT/build.txt" || true
 step versions 45 "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/versions.txt" || true
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
@@ -79,6 +80,11 @@ step linear_4096 75 "${BENCH[@]}" --in-features 4096 --out-features 4096 --token
 # Llama-7B MLP up/gate projection: 4096 -> 11008.
 step mlp_11008 75 "${BENCH[@]}" --in-features 4096 --out-features 11008 --tokens 8192 \
     --csv "$OUT/cuda.csv" 2>&1 | tee "$OUT/mlp_11008.txt" || true
+
+# Host-bound: Linear 2048 -> 2048, 4096 tokens, bf16, eager, where the frozen
+# GEMMs take about 0.1 ms and a step's host cost decides.
+step host_bound 60 "${BENCH[@]}" --in-features 2048 --out-features 2048 --tokens 4096 \
+    --csv "$OUT/cuda.csv" 2>&1 | tee "$OUT/host_bound_2048.txt" || true
 
 # Tokens sweep (--tokens takes several values), plotted; its own CSV.
 step sweep 90 "${BENCH[@]}" --in-features 4096 --out-features 4096 \
