@@ -296,19 +296,30 @@ _route_devices_to_env_backend()
 # torch.compile: let the compiler see a traceable backend's kernels
 # ---------------------------------------------------------------------------
 
+def _traceable_backend(device: torch.device):
+    """The TRACEABLE backend (Triton: its kernels are triton_ops launched
+    through wrap_triton) to compile the ops of a CUDA tensor with: the one
+    asked for by name if it is traceable; under auto, Triton wherever it can
+    run (also where the dispatcher's eager kernels are the CUDA extension's).
+    None: the op stays an opaque call in the graph."""
+    if device.type != "cuda":
+        return None  # CPU tensors under the Triton interpreter: wrap_triton cannot trace
+    if backends.requested() == "auto":
+        return None if backends.reasons("triton", device) else backends.get("triton")
+    backend = backends.for_device(device)
+    return backend if getattr(backend, "TRACEABLE", False) else None
+
+
 def _decompose_when_traceable(op, device_arg: int, call) -> None:
-    """Under functionalization (AOTAutograd, i.e. torch.compile), an op whose
-    backend is TRACEABLE (Triton: its kernels are triton_ops launched through
-    wrap_triton) is replaced by ``call(backend, *args)``, so the compiler sees
-    the Triton kernels instead of an opaque call. Other backends, and CPU
-    tensors under the Triton interpreter (whose kernels wrap_triton cannot
-    trace), stay opaque."""
+    """Under functionalization (AOTAutograd, i.e. torch.compile), the op is
+    replaced by ``call(backend, *args)`` with a traceable backend (see
+    _traceable_backend), so the compiler sees the Triton kernels instead of
+    an opaque call."""
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
     def decompose(mode, op_overload, types, args, kwargs):
-        device = args[device_arg].device
-        backend = backends.for_device(device)
-        if device.type != "cuda" or not getattr(backend, "TRACEABLE", False):
+        backend = _traceable_backend(args[device_arg].device)
+        if backend is None:
             return mode.__torch_dispatch__(op_overload, types, args, kwargs)
         with mode:
             return call(backend, *args, **kwargs)

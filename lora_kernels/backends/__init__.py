@@ -114,10 +114,24 @@ def reasons(name: str, device) -> List[str]:
     return list(backend.not_supported_reasons(torch.device(device)))
 
 
+# (requested name, device type, device index) -> the backend module: the
+# choice is made once per device and setting, not per call (the Python
+# kernels of devices without C++ ones ask on every call).
+_resolved: Dict[tuple, object] = {}
+
+
 def for_device(device):
     """The backend module that runs ops on tensors of ``device``."""
     device = torch.device(device)
     name = requested()
+    key = (name, device.type, device.index)
+    backend = _resolved.get(key)
+    if backend is None:
+        backend = _resolved[key] = _choose(name, device)
+    return backend
+
+
+def _choose(name: str, device: torch.device):
     if name != "auto":
         why = reasons(name, device)
         if why:
