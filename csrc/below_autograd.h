@@ -5,11 +5,15 @@
 // require grad. below_autograd<&impl> opens AutoDispatchBelowAutograd (nested
 // ATen calls on this thread skip autograd, as in ATen's own kernels) and
 // passes `impl` detached aliases of the tensors that require grad:
-// at::parallel_for's worker
-// threads (CPU) do not inherit the dispatch guard, and plain tensors keep
-// nested out= / in-place calls legal there too. Aliases share storage and
-// version counter, so merge_ still updates the caller's weight in place.
-// It has impl's signature, from which the dispatcher checks the schema.
+// at::parallel_for's worker threads (CPU) do not inherit the dispatch guard,
+// and plain tensors keep nested out= / in-place calls legal there too.
+// Aliases share storage and version counter, so merge_ still updates the
+// caller's weight in place. It has impl's signature, from which the
+// dispatcher checks the schema.
+//
+// below_autograd_this_thread<&impl> opens the guard only, for kernels whose
+// ATen calls on their inputs all run on the calling thread (their parallel
+// loops read raw pointers): no alias is made per call.
 #pragma once
 
 #include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowAutograd
@@ -50,5 +54,19 @@ struct BelowAutograd<Impl> {
 
 template <auto Impl>
 constexpr auto below_autograd = &BelowAutograd<Impl>::call;
+
+template <auto Impl>
+struct BelowAutogradThisThread;
+
+template <typename R, typename... Args, R (*Impl)(Args...)>
+struct BelowAutogradThisThread<Impl> {
+  static R call(Args... args) {
+    const at::AutoDispatchBelowAutograd below_autograd;
+    return Impl(args...);
+  }
+};
+
+template <auto Impl>
+constexpr auto below_autograd_this_thread = &BelowAutogradThisThread<Impl>::call;
 
 }  // namespace lora_kernels

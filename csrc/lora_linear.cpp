@@ -20,6 +20,7 @@
 // which are parameters.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -144,6 +145,20 @@ Tensor draw_seed(const Tensor& like) {
                      {}, like.options().dtype(at::kLong));
 }
 
+// The seed of a call without dropout (never read): for a plain CPU x one
+// shared zero, made once; otherwise a zero on x's device (a FakeTensor under
+// torch.compile, functional tensors, other devices).
+Tensor no_seed(const Tensor& x) {
+  constexpr auto kTraced = c10::DispatchKeySet({c10::DispatchKey::Python,
+                                                c10::DispatchKey::Functionalize});
+  if (x.device().is_cpu() && !x.key_set().has_any(kTraced) &&
+      c10::impl::TorchDispatchModeTLS::stack_len() == 0) {
+    static const Tensor* zero = new Tensor(at::zeros({}, at::kLong));  // never freed
+    return *zero;
+  }
+  return at::zeros({}, x.options().dtype(at::kLong));
+}
+
 Tensor lora_linear(const Tensor& x, const Tensor& weight_in, const std::optional<Tensor>& bias,
                    const Tensor& lora_A, const Tensor& lora_B, double scaling,
                    double dropout_p, bool training, bool fan_in_fan_out, int64_t num_groups,
@@ -176,7 +191,7 @@ Tensor lora_linear(const Tensor& x, const Tensor& weight_in, const std::optional
   check_same_as("lora_B", lora_B, "x", x);
 
   const double p = training ? dropout_p : 0.0;
-  const Tensor seed = p > 0.0 ? draw_seed(x) : at::zeros({}, x.options().dtype(at::kLong));
+  const Tensor seed = p > 0.0 ? draw_seed(x) : no_seed(x);
   // A fan_in_fan_out W that is the transpose of a contiguous (out, in) matrix
   // (loralib stores it so) goes to the kernel as that matrix.
   Tensor weight = weight_in;

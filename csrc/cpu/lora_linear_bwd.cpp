@@ -89,7 +89,9 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
       ((w.dA ? R * in : 0) + (w.dB ? gcols * r : 0)) * static_cast<int64_t>(sizeof(acc_t));
   int64_t S = std::min(nchunks, kMaxSlots);
   if (slot_bytes > 0) S = std::max<int64_t>(1, std::min(S, kSlotBytes / slot_bytes));
-  Tensor dA_parts = w.dA ? at::empty({S, R, in}, acc_opts) : Tensor();
+  // One slot: the partial is dA itself.
+  Tensor dA_parts = w.dA ? (S == 1 ? at::empty({R, in}, acc_opts) : at::empty({S, R, in}, acc_opts))
+                         : Tensor();
   acc_t* dAp = w.dA ? dA_parts.data_ptr<acc_t>() : nullptr;
   // dB is accumulated transposed, (r, size) per group: s_cᵀ·g_c has
   // row-major operands; it is transposed back once at the end.
@@ -188,7 +190,7 @@ void lowrank_backward(const Tensor& g, const Tensor& x, const Tensor& A_l, const
     run(0, 1);  // no parallel region for one slot
   else
     at::parallel_for(0, S, 1, run);
-  if (w.dA) dA_acc = S ? sum_slots<acc_t>(dA_parts) : at::zeros({R, in}, acc_opts);
+  if (w.dA) dA_acc = S == 1 ? dA_parts : sum_slots<acc_t>(dA_parts);
   if (w.dB) {  // dB[i·size + c, k] = Σ_slot dBt_parts[slot, i, k, c], slots in order
     dB_acc = at::empty({gcols, r}, acc_opts);
     const acc_t* p = dBt_parts.get();
@@ -245,8 +247,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_impl(
 
 // The dispatcher's CPU kernel of lora_kernels::lora_linear_bwd, and the cpu backend's
 // handle on it (lora_kernels_cpu::lora_linear_bwd, for use_backend("cpu") and tests).
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("lora_linear_bwd", below_autograd<&lora_linear_bwd_impl>); }
-TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) { m.impl("lora_linear_bwd", below_autograd<&lora_linear_bwd_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("lora_linear_bwd", below_autograd_this_thread<&lora_linear_bwd_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) { m.impl("lora_linear_bwd", below_autograd_this_thread<&lora_linear_bwd_impl>); }
 
 }  // namespace cpu
 }  // namespace lora_kernels

@@ -185,8 +185,8 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
 
 // The dispatcher's CPU kernel of lora_kernels::lora_linear_fwd, and the cpu backend's
 // handle on it (lora_kernels_cpu::lora_linear_fwd, for use_backend("cpu") and tests).
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>); }
-TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) { m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("lora_linear_fwd", below_autograd_this_thread<&lora_linear_fwd_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels_cpu, CPU, m) { m.impl("lora_linear_fwd", below_autograd_this_thread<&lora_linear_fwd_impl>); }
 
 }  // namespace cpu
 }  // namespace lora_kernels
