@@ -4,20 +4,16 @@
 // nothing but the 8-byte seed is held for backward. The kernels are
 // csrc/cpu/dropout.cpp and csrc/cuda/dropout.cpp.
 #include <ATen/ATen.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "op_autograd.h"
 
 namespace lora_kernels {
 namespace {
 
-using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
 auto& dropout_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_kernels::dropout", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, double)>();
+  static auto op =
+      typed_op<Tensor(const Tensor&, const Tensor&, double)>("lora_kernels::dropout");
   return op;
 }
 

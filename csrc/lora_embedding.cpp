@@ -12,36 +12,30 @@
 // Held for backward: the indices, s = Aᵀ[indices] (tokens × r) and the
 // parameters.
 #include <ATen/ATen.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <vector>
 
 #include "arg_errors.h"
+#include "op_autograd.h"
 
 namespace lora_kernels {
 namespace {
 
-using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+using FwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, double, int64_t);
+using BwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                  const Tensor&, const Tensor&, const Tensor&,
+                                                  double, int64_t, c10::List<bool>);
 
 auto& fwd_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_kernels::lora_embedding_fwd", "")
-                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                         const Tensor&, const Tensor&, double,
-                                                         int64_t)>();
+  static auto op = typed_op<FwdSig>("lora_kernels::lora_embedding_fwd");
   return op;
 }
 
 auto& bwd_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_kernels::lora_embedding_bwd", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor>(
-                           const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                           const Tensor&, const Tensor&, double, int64_t, c10::List<bool>)>();
+  static auto op = typed_op<BwdSig>("lora_kernels::lora_embedding_bwd");
   return op;
 }
 

@@ -21,7 +21,6 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -29,31 +28,26 @@
 #include <vector>
 
 #include "arg_errors.h"
+#include "op_autograd.h"
 
 namespace lora_kernels {
 namespace {
 
-using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+using FwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                           const std::optional<Tensor>&, const Tensor&,
+                                           const Tensor&, const Tensor&, double, double, bool,
+                                           int64_t, at::IntArrayRef);
+using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, double, double, bool, int64_t, at::IntArrayRef, c10::List<bool>);
 
 auto& fwd_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_kernels::lora_linear_fwd", "")
-                       .typed<std::tuple<Tensor, Tensor>(
-                           const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                           const Tensor&, const Tensor&, const Tensor&, double, double, bool,
-                           int64_t, at::IntArrayRef)>();
+  static auto op = typed_op<FwdSig>("lora_kernels::lora_linear_fwd");
   return op;
 }
 
 auto& bwd_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_kernels::lora_linear_bwd", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-                           const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                           const Tensor&, const Tensor&, const Tensor&, double, double, bool,
-                           int64_t, at::IntArrayRef, c10::List<bool>)>();
+  static auto op = typed_op<BwdSig>("lora_kernels::lora_linear_bwd");
   return op;
 }
 

@@ -17,26 +17,31 @@
 
 namespace lora_kernels {
 
+// The kernels a backend implements (shared by both libraries).
+constexpr const char* kLinearFwd =
+    "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+    "Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, int num_groups, "
+    "int[] groups) -> (Tensor, Tensor)";
+constexpr const char* kLinearBwd =
+    "lora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+    "Tensor s, Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, "
+    "int num_groups, int[] groups, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)";
+constexpr const char* kEmbeddingBwd =
+    "lora_embedding_bwd(Tensor grad, Tensor indices, Tensor weight, Tensor lora_A, "
+    "Tensor lora_B, Tensor s, float scaling, int padding_idx, bool[] output_mask) -> "
+    "(Tensor, Tensor, Tensor)";
+constexpr const char* kDropout = "dropout(Tensor x, Tensor seed, float p) -> Tensor";
+
 inline void define_ops(torch::Library& m) {
-  // The kernels: what a backend implements.
-  m.def(
-      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-      "Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, int num_groups, "
-      "int[] groups) -> (Tensor, Tensor)");
-  m.def(
-      "lora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "Tensor s, Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, "
-      "int num_groups, int[] groups, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+  m.def(kLinearFwd);
+  m.def(kLinearBwd);
   // (padding_idx is for the backward; the forward ignores it)
   m.def(
       "lora_embedding_fwd(Tensor indices, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "float scaling, int padding_idx) -> (Tensor, Tensor)");
-  m.def(
-      "lora_embedding_bwd(Tensor grad, Tensor indices, Tensor weight, Tensor lora_A, "
-      "Tensor lora_B, Tensor s, float scaling, int padding_idx, bool[] output_mask) -> "
-      "(Tensor, Tensor, Tensor)");
-  m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
+  m.def(kEmbeddingBwd);
+  m.def(kDropout);
   // The user-facing composites the layers call (csrc/lora_linear.cpp,
   // csrc/lora_embedding.cpp): argument checks, the dropout seed, any leading
   // batch dimensions; then the kernels above.
@@ -50,26 +55,16 @@ inline void define_ops(torch::Library& m) {
 }
 
 inline void define_backend_ops(torch::Library& m) {
-  m.def(
-      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-      "Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, int num_groups, "
-      "int[] groups) -> (Tensor, Tensor)");
-  m.def(
-      "lora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "Tensor s, Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out, "
-      "int num_groups, int[] groups, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+  m.def(kLinearFwd);
+  m.def(kLinearBwd);
   m.def(
       "lora_embedding_fwd(Tensor indices, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "float scaling) -> (Tensor, Tensor)");
-  m.def(
-      "lora_embedding_bwd(Tensor grad, Tensor indices, Tensor weight, Tensor lora_A, "
-      "Tensor lora_B, Tensor s, float scaling, int padding_idx, bool[] output_mask) -> "
-      "(Tensor, Tensor, Tensor)");
+  m.def(kEmbeddingBwd);
   m.def(
       "merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, "
       "bool fan_in_fan_out, int num_groups, int[] groups) -> ()");
-  m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
+  m.def(kDropout);
 }
 
 }  // namespace lora_kernels

@@ -84,6 +84,16 @@ def _run_backward(ctx, op, impl, *args):
         return _run(op, impl, *args)
 
 
+def _hold(ctx, s, *saved) -> None:
+    """The end of a forward: its output s (tokens×r) gets no gradient (and no
+    zeros are made for it), ``saved`` is held for backward, and so is the
+    backend asked for (see _run_backward)."""
+    ctx.mark_non_differentiable(s)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*saved)
+    ctx.backend = backends.requested()
+
+
 def _asked(grads, mask):
     """The gradients asked for (``mask``), None for the others."""
     return tuple(g if want else None for g, want in zip(grads, mask))
@@ -106,17 +116,13 @@ class _LinearFunction(torch.autograd.Function):
                 num_groups, groups):
         y, s = _run(ops.lora_linear_fwd, ops._linear_fwd_impl, x, weight, bias, lora_A,
                     lora_B, seed, scaling, dropout_p, fan_in_fan_out, num_groups, groups)
-        ctx.mark_non_differentiable(s)
-        ctx.set_materialize_grads(False)  # s gets no gradient: no zeros made for it
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         ctx.output_mask = [need_x, need_w, need_b, need_a, need_bb]
         ctx.args = (scaling, dropout_p, fan_in_fan_out, num_groups, list(groups))
-        # Held for backward: x only when dA or dW needs it; s (tokens×r) only
-        # when dB or dx/dA need the low-rank branch; the seed (8 bytes) so the
-        # mask is regenerated, never stored. weight, A and B are parameters.
-        keep_x = x if (need_a or need_w) else None
-        ctx.save_for_backward(keep_x, weight, lora_A, lora_B, s, seed)
-        ctx.backend = backends.requested()  # for backward: see _run_backward
+        # Held for backward: x only when dA or dW needs it; s (tokens×r); the
+        # seed (8 bytes) so the mask is regenerated, never stored. weight, A
+        # and B are parameters.
+        _hold(ctx, s, x if (need_a or need_w) else None, weight, lora_A, lora_B, s, seed)
         return y, s
 
     @staticmethod
@@ -144,15 +150,12 @@ class _EmbeddingFunction(torch.autograd.Function):
     def forward(ctx, indices, weight, lora_A, lora_B, scaling, padding_idx):
         y, s = _run(ops.lora_embedding_fwd, ops._embedding_fwd_impl, indices, weight,
                     lora_A, lora_B, scaling, padding_idx)
-        ctx.mark_non_differentiable(s)
-        ctx.set_materialize_grads(False)  # s gets no gradient: no zeros made for it
         ctx.output_mask = list(ctx.needs_input_grad[1:4])
         ctx.scaling = scaling
         ctx.padding_idx = padding_idx
         # Held for backward: the indices, s = Aᵀ[indices] (tokens×r) and the
         # parameters.
-        ctx.save_for_backward(indices, weight, lora_A, lora_B, s)
-        ctx.backend = backends.requested()  # for backward: see _run_backward
+        _hold(ctx, s, indices, weight, lora_A, lora_B, s)
         return y, s
 
     @staticmethod
