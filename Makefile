@@ -41,7 +41,8 @@ test: $(STAMP) cuda-check
 # op and as the cuda backend's (merge_ is a Python op that calls the latter;
 # no GPU needed). Without nvcc it is skipped.
 NVCC := $(shell command -v nvcc 2>/dev/null)
-CUDA_OPS := lora_linear_fwd lora_linear_bwd lora_embedding_fwd lora_embedding_bwd merge_ dropout
+CUDA_OPS := lora_linear_fwd lora_linear_bwd lora_embedding_fwd lora_embedding_bwd merge_ dropout \
+            lora_delta_fwd lora_delta_bwd
 define CUDA_CHECK_PY
 import sys, torch
 import lora_kernels

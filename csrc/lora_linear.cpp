@@ -20,10 +20,8 @@
 // which are parameters.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <optional>
 #include <vector>
 
@@ -131,27 +129,6 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_autograd(
 // ---------------------------------------------------------------------------
 // lora_linear: the op the layers call
 // ---------------------------------------------------------------------------
-
-// A fresh 64-bit dropout seed from the default generator of `device` (the
-// draw torch.randint(-2**63, 2**63 - 1, ()) makes).
-Tensor draw_seed(const Tensor& like) {
-  return at::randint(std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max(),
-                     {}, like.options().dtype(at::kLong));
-}
-
-// The seed of a call without dropout (never read): for a plain CPU x one
-// shared zero, made once; otherwise a zero on x's device (a FakeTensor under
-// torch.compile, functional tensors, other devices).
-Tensor no_seed(const Tensor& x) {
-  constexpr auto kTraced = c10::DispatchKeySet({c10::DispatchKey::Python,
-                                                c10::DispatchKey::Functionalize});
-  if (x.device().is_cpu() && !x.key_set().has_any(kTraced) &&
-      c10::impl::TorchDispatchModeTLS::stack_len() == 0) {
-    static const Tensor* zero = new Tensor(at::zeros({}, at::kLong));  // never freed
-    return *zero;
-  }
-  return at::zeros({}, x.options().dtype(at::kLong));
-}
 
 Tensor lora_linear(const Tensor& x, const Tensor& weight_in, const std::optional<Tensor>& bias,
                    const Tensor& lora_A, const Tensor& lora_B, double scaling,

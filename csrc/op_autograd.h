@@ -5,7 +5,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
+
+#include <limits>
 
 namespace lora_kernels {
 
@@ -17,6 +20,28 @@ using torch::autograd::variable_list;
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// A fresh 64-bit dropout seed from the default generator of `like`'s device
+// (the draw torch.randint(-2**63, 2**63 - 1, ()) makes, so torch.manual_seed
+// and checkpointing's RNG restore give the same mask).
+inline Tensor draw_seed(const Tensor& like) {
+  return at::randint(std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max(),
+                     {}, like.options().dtype(at::kLong));
+}
+
+// The seed of a call without dropout (never read): for a plain CPU `like`
+// one shared zero, made once; otherwise a zero on its device (a FakeTensor
+// under torch.compile, functional tensors, other devices).
+inline Tensor no_seed(const Tensor& like) {
+  constexpr auto kTraced = c10::DispatchKeySet({c10::DispatchKey::Python,
+                                                c10::DispatchKey::Functionalize});
+  if (like.device().is_cpu() && !like.key_set().has_any(kTraced) &&
+      c10::impl::TorchDispatchModeTLS::stack_len() == 0) {
+    static const Tensor* zero = new Tensor(at::zeros({}, at::kLong));  // never freed
+    return *zero;
+  }
+  return at::zeros({}, like.options().dtype(at::kLong));
 }
 
 }  // namespace lora_kernels

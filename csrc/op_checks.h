@@ -228,6 +228,78 @@ LinearShapes check_linear_bwd(const char* op, const LinearBwdWants& want, const 
   return d;
 }
 
+// lora_delta_fwd's inputs: x (tokens, in) and base (tokens, out), floating
+// tensors of one dtype on the backend's device, and lora_A / lora_B of that
+// dtype in the group layout of base's out features.
+template <typename DeviceChecks>
+LinearShapes check_delta_fwd(const char* op, const Tensor& x, const Tensor& base,
+                             const Tensor& lora_A, const Tensor& lora_B, int64_t num_groups,
+                             at::IntArrayRef groups) {
+  DeviceChecks::first(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_floating(op, "x", x);
+  DeviceChecks::same(op, "base", base, "x", x);
+  check_dim(op, "base", base, 2);
+  check_same_dtype(op, "base", base, "x", x);
+  TORCH_CHECK(base.size(0) == x.size(0), op, ": base must have the ", x.size(0),
+              " rows of x (its tokens), got ", shape_str(base));
+  DeviceChecks::same(op, "lora_A", lora_A, "x", x);
+  DeviceChecks::same(op, "lora_B", lora_B, "x", x);
+  check_same_dtype(op, "lora_A", lora_A, "x", x);
+  check_same_dtype(op, "lora_B", lora_B, "x", x);
+  LinearShapes d;
+  d.T = x.size(0);
+  d.in = x.size(1);
+  d.out = base.size(1);
+  d.L = make_layout(op, d.out, num_groups, groups, lora_A, lora_B, d.in);
+  return d;
+}
+
+// The outputs lora_delta_bwd is asked for (dx, dA, dB).
+inline LinearBwdWants delta_bwd_wants(const char* op, const c10::List<bool>& output_mask) {
+  TORCH_CHECK(output_mask.size() == 3, op, ": output_mask must have 3 flags (dx, dA, dB), got ",
+              output_mask.size());
+  return {output_mask[0], false, false, output_mask[1], output_mask[2]};
+}
+
+// lora_delta_bwd's inputs: grad (tokens, out), x (tokens, in) when dA is
+// asked for, s (tokens, R) in the low-rank dtype when dB is, the group
+// layout and the dropout probability.
+template <typename DeviceChecks>
+LinearShapes check_delta_bwd(const char* op, const LinearBwdWants& want, const Tensor& grad,
+                             const Tensor& x, const Tensor& lora_A, const Tensor& lora_B,
+                             const Tensor& s, double dropout_p, int64_t num_groups,
+                             at::IntArrayRef groups) {
+  DeviceChecks::first(op, "grad", grad);
+  check_dim(op, "grad", grad, 2);
+  check_floating(op, "grad", grad);
+  DeviceChecks::same(op, "lora_A", lora_A, "grad", grad);
+  DeviceChecks::same(op, "lora_B", lora_B, "grad", grad);
+  check_same_dtype(op, "lora_A", lora_A, "grad", grad);
+  check_same_dtype(op, "lora_B", lora_B, "grad", grad);
+  check_dim(op, "lora_A", lora_A, 2);
+  LinearShapes d;
+  d.T = grad.size(0);
+  d.out = grad.size(1);
+  d.in = lora_A.size(1);
+  if (want.dA) {
+    DeviceChecks::same(op, "x", x, "grad", grad);
+    check_same_dtype(op, "x", x, "grad", grad);
+    check_shape(op, "x", x, {d.T, d.in}, "[tokens, in_features]; needed for dA");
+  }
+  d.L = make_layout(op, d.out, num_groups, groups, lora_A, lora_B, d.in);
+  const int64_t R = lora_A.size(0);
+  const auto lt = lowrank_dtype(grad.scalar_type());
+  if (want.dB) {
+    DeviceChecks::same(op, "s", s, "grad", grad);
+    TORCH_CHECK(s.scalar_type() == lt, op, ": s must have dtype ", lt, " (the low-rank dtype of ",
+                grad.scalar_type(), "), got ", s.scalar_type());
+    check_shape(op, "s", s, {d.T, R}, "[tokens, r * len(groups)], from lora_delta_fwd");
+  }
+  check_dropout_p(op, dropout_p);
+  return d;
+}
+
 // merge_'s inputs: weight (out, in), or (in, out) with fan_in_fan_out,
 // floating; lora_A floating and lora_B of its dtype, on weight's device; the
 // group layout.

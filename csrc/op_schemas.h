@@ -32,6 +32,13 @@ constexpr const char* kEmbeddingBwd =
     "Tensor lora_B, Tensor s, float scaling, int padding_idx, bool[] output_mask) -> "
     "(Tensor, Tensor, Tensor)";
 constexpr const char* kDropout = "dropout(Tensor x, Tensor seed, float p) -> Tensor";
+constexpr const char* kDeltaFwd =
+    "lora_delta_fwd(Tensor x, Tensor base, Tensor lora_A, Tensor lora_B, Tensor seed, "
+    "float scaling, float dropout_p, int num_groups, int[] groups) -> (Tensor, Tensor)";
+constexpr const char* kDeltaBwd =
+    "lora_delta_bwd(Tensor grad, Tensor x, Tensor lora_A, Tensor lora_B, Tensor s, Tensor seed, "
+    "float scaling, float dropout_p, int num_groups, int[] groups, bool[] output_mask) -> "
+    "(Tensor, Tensor, Tensor)";
 
 inline void define_ops(torch::Library& m) {
   m.def(kLinearFwd);
@@ -42,9 +49,12 @@ inline void define_ops(torch::Library& m) {
       "float scaling, int padding_idx) -> (Tensor, Tensor)");
   m.def(kEmbeddingBwd);
   m.def(kDropout);
+  // The LoRA branch around a base layer computed elsewhere (quantized, say).
+  m.def(kDeltaFwd);
+  m.def(kDeltaBwd);
   // The user-facing composites the layers call (csrc/lora_linear.cpp,
-  // csrc/lora_embedding.cpp): argument checks, the dropout seed, any leading
-  // batch dimensions; then the kernels above.
+  // csrc/lora_embedding.cpp, csrc/lora_delta.cpp): argument checks, the
+  // dropout seed, any leading batch dimensions; then the kernels above.
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
       "float scaling, float dropout_p, bool training, bool fan_in_fan_out, int num_groups, "
@@ -52,6 +62,9 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "lora_embedding(Tensor indices, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "float scaling, int? padding_idx) -> Tensor");
+  m.def(
+      "lora_delta(Tensor x, Tensor base, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, bool training, int num_groups, int[] groups) -> Tensor");
 }
 
 inline void define_backend_ops(torch::Library& m) {
@@ -65,6 +78,8 @@ inline void define_backend_ops(torch::Library& m) {
       "merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, "
       "bool fan_in_fan_out, int num_groups, int[] groups) -> ()");
   m.def(kDropout);
+  m.def(kDeltaFwd);
+  m.def(kDeltaBwd);
 }
 
 }  // namespace lora_kernels

@@ -169,6 +169,53 @@ def _embedding_composite(fwd, indices: Tensor, weight: Tensor, lora_A: Tensor, l
     return _unflatten(y, (*indices.shape, dim))
 
 
+def lora_delta(x: Tensor, base: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+               dropout_p: float = 0.0, training: bool = True,
+               enable_lora: Sequence[bool] = (True,)) -> Tensor:
+    """``base + scaling·dropout(x)·Aᵀ·Bᵀ``: the LoRA branch added to the output
+    ``base`` (..., out) of a base layer computed elsewhere (a quantized layer,
+    a module with hooks), which runs as its own module. x, base, A and B have
+    one dtype (cast the r×in and out×r adapters to x's, not x to theirs);
+    ``enable_lora`` groups the out features as in ``lora_grouped_linear``."""
+    dropout_p = check_dropout(dropout_p)
+    groups = enabled_groups(enable_lora)
+    if ops.NATIVE:
+        return _lk.lora_delta(x, base, lora_A, lora_B, float(scaling), dropout_p,
+                              bool(training), len(enable_lora), groups)
+    return _delta_composite(_lk.lora_delta_fwd, x, base, lora_A, lora_B, float(scaling),
+                            dropout_p, bool(training), len(enable_lora), groups)
+
+
+def _delta_composite(fwd, x: Tensor, base: Tensor, lora_A: Tensor, lora_B: Tensor,
+                     scaling: float, dropout_p: float, training: bool, num_groups: int,
+                     groups: List[int]) -> Tensor:
+    """The lora_delta op in Python, with ``fwd`` as lora_delta_fwd."""
+    x, base, lora_A, lora_B = _autocast(x, base, lora_A, lora_B)
+    check_dropout(dropout_p)
+    if x.dim() == 0:
+        _fail("x.dim()", 0, "at least 1")
+    in_f = x.shape[-1]
+    if base.dim() != x.dim() or base.shape[:-1] != x.shape[:-1]:
+        _fail("base.shape", tuple(base.shape),
+              f"x's leading dimensions {tuple(x.shape)} with the out features last")
+    out_f = base.shape[-1]
+    if num_groups == 0 or out_f % num_groups:
+        _fail("len(enable_lora)", num_groups, f"a divisor of out_features={out_f}")
+    if not groups:
+        raise ValueError("enable_lora: no group is enabled")
+    r = lora_A.shape[0] // len(groups) if lora_A.dim() == 2 else 0
+    if lora_A.dim() != 2 or r == 0 or lora_A.shape != (r * len(groups), in_f):
+        _fail("lora_A.shape", tuple(lora_A.shape), f"(r*{len(groups)}, {in_f})")
+    if lora_B.shape != (out_f // num_groups * len(groups), r):
+        _fail("lora_B.shape", tuple(lora_B.shape), (out_f // num_groups * len(groups), r))
+    _check_same(x, [("base", base), ("lora_A", lora_A), ("lora_B", lora_B)])
+    p = dropout_p if training else 0.0
+    seed = draw_seed(x.device) if p > 0 else _no_seed(x)
+    y, _ = fwd(x.reshape(-1, in_f), base.reshape(-1, out_f), lora_A, lora_B, seed,
+               float(scaling), p, num_groups, list(groups))
+    return _unflatten(y, tuple(base.shape))
+
+
 def _unflatten(y: Tensor, shape) -> Tensor:
     """The op's 2-D output in the caller's shape, as a tensor of its own
     rather than a view (as F.linear returns): FSDP2 warns about modules that
@@ -268,3 +315,5 @@ if ops.NATIVE:
                  lambda *a: _linear_composite(routes.ROUTES[ops.lora_linear_fwd], *a))
     routes.route(_lk.lora_embedding.default,
                  lambda *a: _embedding_composite(routes.ROUTES[ops.lora_embedding_fwd], *a))
+    routes.route(_lk.lora_delta.default,
+                 lambda *a: _delta_composite(routes.ROUTES[ops.lora_delta_fwd], *a))

@@ -54,6 +54,14 @@ padding_idx, output_mask) -> (dweight, dA, dB)``
     In place, ``W += scaling·ΔW`` in W's layout (unmerge passes ``-scaling``).
 ``dropout(x, seed, p) -> Tensor``
     ``x`` times the mask of x's shape (a new tensor).
+``lora_delta_fwd(x, base, lora_A, lora_B, seed, scaling, dropout_p, num_groups,
+groups) -> (y, s)``
+    ``y = base + scaling·dropout(x)·Aᵀ·Bᵀ``: the branch around a base layer
+    computed elsewhere, whose output ``base`` is (tokens, out) in x's dtype;
+    groups, ``s`` and the mask as in ``lora_linear_fwd``.
+``lora_delta_bwd(grad, x, lora_A, lora_B, s, seed, scaling, dropout_p,
+num_groups, groups, output_mask) -> (dx, dA, dB)``
+    The branch's gradients (base's is ``grad`` itself); three flags.
 """
 from __future__ import annotations
 
@@ -81,7 +89,8 @@ LIB = torch.library.Library(_NS, "FRAGMENT")
 # The ops the compiled extension defines (csrc/op_schemas.h); the others
 # (merge_, unmerge_, merged_weight) are always defined here.
 NATIVE_OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_embedding_fwd",
-               "lora_embedding_bwd", "dropout", "lora_linear", "lora_embedding")
+               "lora_embedding_bwd", "dropout", "lora_delta_fwd", "lora_delta_bwd",
+               "lora_linear", "lora_embedding", "lora_delta")
 
 
 def lowrank_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -267,8 +276,51 @@ dropout = _define("dropout(Tensor x, Tensor seed, float p) -> Tensor", _dropout_
                   _dropout_fake)
 
 
+# ---------------------------------------------------------------------------
+# The LoRA branch around a base layer computed elsewhere
+# ---------------------------------------------------------------------------
+
+def _delta_fwd_impl(x, base, lora_A, lora_B, seed, scaling, dropout_p, num_groups, groups):
+    return backends.for_device(x.device).lora_delta_fwd(
+        x, base, lora_A, lora_B, seed, scaling, dropout_p, num_groups, groups)
+
+
+def _delta_fwd_fake(x, base, lora_A, lora_B, seed, scaling, dropout_p, num_groups, groups):
+    torch._check(x.dim() == 2, lambda: f"lora_delta_fwd: x must be 2-D, got {x.dim()}-D")
+    y = base.new_empty(base.shape)
+    s = x.new_empty(x.shape[0], lora_A.shape[0], dtype=lowrank_dtype(x.dtype))
+    return y, s
+
+
+lora_delta_fwd = _define(
+    "lora_delta_fwd(Tensor x, Tensor base, Tensor lora_A, Tensor lora_B, Tensor seed, "
+    "float scaling, float dropout_p, int num_groups, int[] groups) -> (Tensor, Tensor)",
+    _delta_fwd_impl, _delta_fwd_fake)
+
+
+def _delta_bwd_impl(grad, x, lora_A, lora_B, s, seed, scaling, dropout_p, num_groups, groups,
+                    output_mask):
+    return backends.for_device(grad.device).lora_delta_bwd(
+        grad, x, lora_A, lora_B, s, seed, scaling, dropout_p, num_groups, groups, output_mask)
+
+
+def _delta_bwd_fake(grad, x, lora_A, lora_B, s, seed, scaling, dropout_p, num_groups, groups,
+                    output_mask):
+    wants = list(output_mask)
+    dx = grad.new_empty(grad.shape[0], lora_A.shape[1]) if wants[0] else _empty(grad)
+    da = lora_A.new_empty(lora_A.shape) if wants[1] else _empty(lora_A)
+    dB = lora_B.new_empty(lora_B.shape) if wants[2] else _empty(lora_B)
+    return dx, da, dB
+
+
+lora_delta_bwd = _define(
+    "lora_delta_bwd(Tensor grad, Tensor x, Tensor lora_A, Tensor lora_B, Tensor s, Tensor seed, "
+    "float scaling, float dropout_p, int num_groups, int[] groups, bool[] output_mask) -> "
+    "(Tensor, Tensor, Tensor)", _delta_bwd_impl, _delta_bwd_fake)
+
+
 OPS: Sequence = (lora_linear_fwd, lora_linear_bwd, lora_embedding_fwd, lora_embedding_bwd,
-                 merge_, unmerge_, merged_weight, dropout)
+                 merge_, unmerge_, merged_weight, dropout, lora_delta_fwd, lora_delta_bwd)
 
 
 def _route_devices_to_env_backend() -> None:
@@ -280,7 +332,8 @@ def _route_devices_to_env_backend() -> None:
         return
     impls = {"lora_linear_fwd": _linear_fwd_impl, "lora_linear_bwd": _linear_bwd_impl,
              "lora_embedding_fwd": _embedding_fwd_impl, "lora_embedding_bwd": _embedding_bwd_impl,
-             "dropout": _dropout_impl}
+             "dropout": _dropout_impl, "lora_delta_fwd": _delta_fwd_impl,
+             "lora_delta_bwd": _delta_bwd_impl}
     with warnings.catch_warnings():  # "overriding a previously registered kernel"
         warnings.simplefilter("ignore")
         for key, native in (("CPU", "cpu"), ("CUDA", "cuda")):

@@ -167,16 +167,24 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     """
     w = weight.t() if fan_in_fan_out else weight
     y = F.linear(x, w, bias)
-    out = y.shape[-1]
+    return lora_delta(x, y, lora_A, lora_B, scaling, dropout_p, seed, num_groups, groups)
+
+
+def lora_delta(x, base, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, seed=0,
+               num_groups: int = 1, groups: Sequence[int] = (0,)) -> torch.Tensor:
+    """base + scaling · dropout(x)·Aᵀ·Bᵀ, group by group: the LoRA branch added
+    to the output ``base`` (..., out) of a base layer computed elsewhere (a
+    quantized layer, say). Groups and ``dropout_p`` as in ``lora_linear``."""
+    out = base.shape[-1]
     xd = dropout(x, seed, dropout_p)
     size = out // num_groups
     r = lora_A.shape[0] // max(len(groups), 1)
-    pieces = [torch.zeros_like(y[..., :size]) for _ in range(num_groups)]
+    pieces = [torch.zeros_like(base[..., :size]) for _ in range(num_groups)]
     for i, g in enumerate(groups):
         a = lora_A[i * r:(i + 1) * r]
         b = lora_B[i * size:(i + 1) * size]
         pieces[g] = (xd @ a.t()) @ b.t() * scaling
-    return y + torch.cat(pieces, dim=-1)
+    return base + torch.cat(pieces, dim=-1)
 
 
 def lora_embedding(indices, weight, lora_A, lora_B, scaling: float,

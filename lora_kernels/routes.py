@@ -102,7 +102,8 @@ def _asked(grads, mask):
 # The kernels' own routes: the backend asked for, below autograd (the
 # forward ops' routes, with their autograd, follow).
 for _op, _impl in ((ops.lora_linear_bwd, ops._linear_bwd_impl),
-                   (ops.lora_embedding_bwd, ops._embedding_bwd_impl)):
+                   (ops.lora_embedding_bwd, ops._embedding_bwd_impl),
+                   (ops.lora_delta_bwd, ops._delta_bwd_impl)):
     route(_op, lambda *args, _op=_op, _impl=_impl: _run(_op, _impl, *args))
 
 
@@ -171,6 +172,43 @@ class _EmbeddingFunction(torch.autograd.Function):
 
 
 _register_autograd(ops.lora_embedding_fwd, _EmbeddingFunction, (1, 2, 3), ops._embedding_fwd_impl)
+
+
+# ---------------------------------------------------------------------------
+# The branch around a base layer computed elsewhere
+# ---------------------------------------------------------------------------
+
+class _DeltaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, base, lora_A, lora_B, seed, scaling, dropout_p, num_groups, groups):
+        y, s = _run(ops.lora_delta_fwd, ops._delta_fwd_impl, x, base, lora_A, lora_B, seed,
+                    scaling, dropout_p, num_groups, groups)
+        need_x, need_base, need_a, need_bb = ctx.needs_input_grad[:4]
+        ctx.output_mask = [need_x, need_a, need_bb]
+        ctx.need_base = need_base
+        ctx.args = (scaling, dropout_p, num_groups, list(groups))
+        # Held for backward: x only when dA needs it; s (tokens×r); the seed
+        # (8 bytes); A and B. Not the base layer's output.
+        _hold(ctx, s, x if need_a else None, lora_A, lora_B, s, seed)
+        return y, s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_s):
+        if grad_y is None:
+            return (None,) * 9
+        x, lora_A, lora_B, s, seed = ctx.saved_tensors
+        if x is None:
+            x = grad_y.new_empty(0)
+        dx = dA = dB = None
+        if any(ctx.output_mask):
+            dx, dA, dB = _asked(_run_backward(ctx, ops.lora_delta_bwd, ops._delta_bwd_impl,
+                                              grad_y, x, lora_A, lora_B, s, seed, *ctx.args,
+                                              ctx.output_mask), ctx.output_mask)
+        return (dx, grad_y if ctx.need_base else None, dA, dB) + (None,) * 5
+
+
+_register_autograd(ops.lora_delta_fwd, _DeltaFunction, (0, 1, 2, 3), ops._delta_fwd_impl)
 
 
 # ---------------------------------------------------------------------------

@@ -50,8 +50,12 @@ Tensor dropout_impl(const Tensor& x, const Tensor& seed, double p) {
 
 // The dispatcher's CUDA kernel of lora_kernels::dropout, and the cuda backend's
 // handle on it (lora_kernels_cuda::dropout, for use_backend("cuda") and tests).
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("dropout", below_autograd<&dropout_impl>); }
-TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) { m.impl("dropout", below_autograd<&dropout_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("dropout", below_autograd<&dropout_impl>);
+}
+TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
+  m.impl("dropout", below_autograd<&dropout_impl>);
+}
 
 }  // namespace cuda
 }  // namespace lora_kernels

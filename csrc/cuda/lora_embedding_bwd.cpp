@@ -65,8 +65,12 @@ std::tuple<Tensor, Tensor, Tensor> lora_embedding_bwd_impl(
 
 // The dispatcher's CUDA kernel of lora_kernels::lora_embedding_bwd, and the cuda backend's
 // handle on it (lora_kernels_cuda::lora_embedding_bwd, for use_backend("cuda") and tests).
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("lora_embedding_bwd", below_autograd<&lora_embedding_bwd_impl>); }
-TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) { m.impl("lora_embedding_bwd", below_autograd<&lora_embedding_bwd_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("lora_embedding_bwd", below_autograd<&lora_embedding_bwd_impl>);
+}
+TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
+  m.impl("lora_embedding_bwd", below_autograd<&lora_embedding_bwd_impl>);
+}
 
 }  // namespace cuda
 }  // namespace lora_kernels

@@ -29,6 +29,7 @@
 #include "../below_autograd.h"
 #include "../frozen_layer.h"
 #include "common.h"
+#include "lowrank_forward.h"
 
 namespace lora_kernels {
 namespace cuda {
@@ -61,35 +62,10 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
   check_contiguous(kOp, "lora_A (low-rank dtype)", A_l);
   check_contiguous(kOp, "B_full", B_l);
   Tensor y = at::empty({T, out}, x.options());
-  const Stream stream = current_stream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
-    using acc_t = acc_type<scalar_t>;
-    // s = dropout(x)·Aᵀ, in `splits` partials over the in features.
-    LowrankInArgs<scalar_t> in_args;
-    const Tensor xr = bind_rows(x, kInGroup, in_args.x, in_args.ldx, in_args.x_vec);
-    in_args.A = A_l.data_ptr<acc_t>();
-    in_args.T = T;
-    in_args.K = in;
-    in_args.R = R;
-    in_args.mask = mask;
-    plan_lowrank_in(T, in, R, target_blocks(4), &in_args.splits, &in_args.tiles_per_split);
-    Tensor parts = in_args.splits > 1 ? parts_buffer<acc_t>(x, in_args.splits, T, R) : s;
-    in_args.out = parts.data_ptr<acc_t>();
-    launch_lowrank_in<scalar_t>(in_args, stream);
-    if (in_args.splits > 1) sum_parts_into<acc_t, acc_t>(parts, 1.0, s);
-
-    // y = bias + scaling · s·B_fullᵀ
-    RankUpdateArgs<scalar_t, acc_t> up;
-    up.set_L(s.data_ptr<acc_t>(), R, 1);
-    up.set_Rm(B_l.data_ptr<acc_t>(), R, 1);
-    up.set_out(y.data_ptr<scalar_t>(), out, 1);
-    up.bias = has_bias ? bias_c.data_ptr<scalar_t>() : nullptr;
-    up.T = T;
-    up.N = out;
-    up.R = R;
-    up.alpha = static_cast<acc_t>(scaling);
-    launch_rank_update<scalar_t, acc_t>(up, stream);
+    lowrank_forward<scalar_t>(x, A_l, B_l, mask, scaling, has_bias ? bias_c : Tensor(), false,
+                              s, y);
   });
   // y += x·Wᵀ: cuBLAS, accumulating into y (beta = 1).
   add_frozen_linear(y, x, weight, fan_in_fan_out);
@@ -100,8 +76,12 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_impl(const Tensor& x, const Tensor& w
 
 // The dispatcher's CUDA kernel of lora_kernels::lora_linear_fwd, and the cuda backend's
 // handle on it (lora_kernels_cuda::lora_linear_fwd, for use_backend("cuda") and tests).
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>); }
-TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) { m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>); }
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>);
+}
+TORCH_LIBRARY_IMPL(lora_kernels_cuda, CUDA, m) {
+  m.impl("lora_linear_fwd", below_autograd<&lora_linear_fwd_impl>);
+}
 
 }  // namespace cuda
 }  // namespace lora_kernels

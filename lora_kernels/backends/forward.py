@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_embedding_fwd", "lora_embedding_bwd",
-       "merge_", "dropout")
+       "merge_", "dropout", "lora_delta_fwd", "lora_delta_bwd")
 
 
 def forwarders(namespace: Callable[[], object]):

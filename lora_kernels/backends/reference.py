@@ -34,37 +34,59 @@ def _empty(t):
     return t.new_empty(0)
 
 
-def lora_linear_bwd(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p,
-                    fan_in_fan_out, num_groups, groups, output_mask):
-    want_x, want_w, want_b, want_a, want_bb = output_mask
-    w = weight.t() if fan_in_fan_out else weight          # (out, in)
-    size = w.shape[0] // num_groups
+def _lowrank_grads(grad, x, lora_A, lora_B, s, seed, scaling, dropout_p, num_groups, groups,
+                   want_x, want_a, want_bb):
+    """The low-rank branch's gradients: (its dx term, dA, dB), each None when
+    not asked for."""
+    size = grad.shape[1] // num_groups
     r = lora_A.shape[0] // len(groups)
     cols = [slice(g * size, (g + 1) * size) for g in groups]
     a_blocks = [lora_A[i * r:(i + 1) * r] for i in range(len(groups))]
     b_blocks = [lora_B[i * size:(i + 1) * size] for i in range(len(groups))]
     # dS_i = scaling · g_i · B_i, the gradient of the branch's tokens×r product.
     d_s = [scaling * grad[:, c] @ b for c, b in zip(cols, b_blocks)]
-
-    dx = _empty(grad)
+    dx = da = dB = None
     if want_x:
-        lowrank = sum(ds @ a for ds, a in zip(d_s, a_blocks))
-        dx = grad @ w + R.dropout(lowrank, seed, dropout_p)
+        dx = R.dropout(sum(ds @ a for ds, a in zip(d_s, a_blocks)), seed, dropout_p)
+    if want_a:
+        xd = R.dropout(x, seed, dropout_p)
+        da = torch.cat([ds.t() @ xd for ds in d_s])
+    if want_bb:
+        s = s.to(grad.dtype)
+        dB = torch.cat([scaling * grad[:, c].t() @ s[:, i * r:(i + 1) * r]
+                        for i, c in enumerate(cols)])
+    return dx, da, dB
+
+
+def lora_linear_bwd(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p,
+                    fan_in_fan_out, num_groups, groups, output_mask):
+    want_x, want_w, want_b, want_a, want_bb = output_mask
+    w = weight.t() if fan_in_fan_out else weight          # (out, in)
+    dx_low, da, dB = _lowrank_grads(grad, x, lora_A, lora_B, s, seed, scaling, dropout_p,
+                                    num_groups, groups, want_x, want_a, want_bb)
+    dx = grad @ w + dx_low if want_x else _empty(grad)
     dw = _empty(weight)
     if want_w:
         dw = grad.t() @ x
         dw = dw.t() if fan_in_fan_out else dw
     db = grad.sum(0) if want_b else _empty(grad)
-    da = _empty(lora_A)
-    if want_a:
-        xd = R.dropout(x, seed, dropout_p)
-        da = torch.cat([ds.t() @ xd for ds in d_s])
-    dB = _empty(lora_B)
-    if want_bb:
-        s = s.to(grad.dtype)
-        dB = torch.cat([scaling * grad[:, c].t() @ s[:, i * r:(i + 1) * r]
-                        for i, c in enumerate(cols)])
-    return dx, dw, db, da, dB
+    return (dx, dw, db, _empty(lora_A) if da is None else da,
+            _empty(lora_B) if dB is None else dB)
+
+
+def lora_delta_fwd(x, base, lora_A, lora_B, seed, scaling, dropout_p, num_groups, groups):
+    y = R.lora_delta(x, base, lora_A, lora_B, scaling, dropout_p, seed, num_groups, groups)
+    s = _lowrank_input(x, lora_A, seed, dropout_p).to(lowrank_dtype(x.dtype))
+    return y, s
+
+
+def lora_delta_bwd(grad, x, lora_A, lora_B, s, seed, scaling, dropout_p, num_groups, groups,
+                   output_mask):
+    want_x, want_a, want_bb = output_mask
+    dx, da, dB = _lowrank_grads(grad, x, lora_A, lora_B, s, seed, scaling, dropout_p,
+                                num_groups, groups, want_x, want_a, want_bb)
+    return (_empty(grad) if dx is None else dx, _empty(lora_A) if da is None else da,
+            _empty(lora_B) if dB is None else dB)
 
 
 def lora_embedding_fwd(indices, weight, lora_A, lora_B, scaling):

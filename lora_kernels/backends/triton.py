@@ -47,4 +47,4 @@ def _ops():
 
 
 (lora_linear_fwd, lora_linear_bwd, lora_embedding_fwd, lora_embedding_bwd, merge_,
- dropout) = forwarders(_ops)
+ dropout, lora_delta_fwd, lora_delta_bwd) = forwarders(_ops)

@@ -13,7 +13,7 @@ defined.
 from __future__ import annotations
 
 _MODULES = ("dropout", "merge", "lora_linear_fwd", "lora_linear_bwd", "lora_embedding_fwd",
-            "lora_embedding_bwd")
+            "lora_embedding_bwd", "lora_delta_fwd", "lora_delta_bwd")
 
 
 def load():
