@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 import lora_kernels as lk
-from lora_kernels import peft_patch
+from lora_kernels import peft_forward
 
 CASES = {}
 
@@ -447,12 +447,12 @@ FUSED = []
 
 def _count_fused_calls():
     """Count the patched layers' calls of the fused op (proof they ran fused)."""
-    inner = peft_patch.LF.lora_linear
+    inner = peft_forward.LF.lora_linear
 
     def counted(*args, **kwargs):
         FUSED.append(1)
         return inner(*args, **kwargs)
-    peft_patch.LF.lora_linear = counted
+    peft_forward.LF.lora_linear = counted
 
 
 def llama_config():

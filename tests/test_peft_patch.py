@@ -404,8 +404,8 @@ def test_adalora_matches_peft_with_rank_allocation(tmp_path):
 # What is left to PEFT, and bad input
 # ---------------------------------------------------------------------------
 
-class QuantLinear(nn.Linear):
-    """Stands in for a quantized base layer: nn.Linear with its own forward."""
+class QuantEmbedding(nn.Embedding):
+    """Stands in for a quantized embedding: nn.Embedding with its own forward."""
 
     def forward(self, x):
         return super().forward(x)
@@ -414,8 +414,8 @@ class QuantLinear(nn.Linear):
 def test_deferral_summary(capsys):
     torch.manual_seed(0)
     net = Net()
-    net.lin1 = QuantLinear(24, 8)
-    model = get_peft_model(net, LoraConfig(r=4, target_modules=["lin0", "lin1"],
+    net.emb = QuantEmbedding(20, 16)
+    model = get_peft_model(net, LoraConfig(r=4, target_modules=["lin0", "emb"],
                                            init_lora_weights=False))
     model.add_adapter("dora", LoraConfig(r=4, target_modules=["conv2"], use_dora=True))
     ref = copy.deepcopy(model)
@@ -424,7 +424,7 @@ def test_deferral_summary(capsys):
     assert "1 of 3 LoRA layers fused" in out and "2 left to PEFT" in out
     assert report.patched == ["base_model.model.lin0"]
     assert "DoRA" in report.deferred["base_model.model.conv2"]
-    assert "QuantLinear" in report.deferred["base_model.model.lin1"]
+    assert "QuantEmbedding" in report.deferred["base_model.model.emb"]
     assert report.as_dict()["patched"] == 1
 
     # A patched layer with a DoRA adapter added later runs PEFT's forward
