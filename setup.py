@@ -150,7 +150,9 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
 
 
 TEST_REQUIRES = ["pytest", "pytest-benchmark", "hypothesis", "loralib", "peft", "transformers",
-                 "safetensors", "expecttest"]
+                 "safetensors", "expecttest",
+                 # QLoRA tests: 4-bit NF4 and 8-bit layers (they run on x86 CPUs too)
+                 "bitsandbytes>=0.50; platform_system == 'Linux'"]
 BENCH_REQUIRES = ["tqdm", "matplotlib", "loralib", "peft"]
 
 setup(

@@ -23,8 +23,9 @@ lora_alpha taken from ``rank_pattern``/``alpha_pattern`` where a key matches.
 How each layer maps ("exact": the same ΔW, so the same outputs up to
 floating-point round-off):
 
-* Linear, transformers Conv1D (``fan_in_fan_out``), Embedding: A and B as they
-  are, r_p = r. Exact.
+* Linear, transformers Conv1D (``fan_in_fan_out``), Embedding, WrappedLinear
+  (a bitsandbytes 4/8-bit base: PEFT's QLoRA keys are a Linear's): A and B as
+  they are, r_p = r. Exact.
 * MergedLinear(enable_lora) with G enabled groups of ``out/len(enable_lora)``
   rows: a rank r·G LoRA on the whole layer: lora_A is our A (the enabled
   groups' A stacked, r·G × in), lora_B is (out × r·G), group g's B in its rows
@@ -74,6 +75,7 @@ from . import distributed
 from .inject import (CONFIG_ATTR, InjectSummary, _inject, candidate_modules, is_lora_layer,
                      matches, pattern_key)
 from .utils import _check_bias
+from .wrapped import WrappedLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -120,7 +122,7 @@ class _Layer:
             self.kind = "merged"
         elif isinstance(module, nn.Embedding):
             self.kind = "embedding"
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, WrappedLinear)):
             self.kind = "linear"
         elif isinstance(getattr(module, "conv", None), (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             self.kind = "conv"
@@ -401,7 +403,7 @@ def save_adapter(model: nn.Module, directory: str, *, bias: Optional[str] = None
             owner = next((n for n in by_name if pname.startswith(n + ".")), None)
             if owner is not None:
                 rest = pname[len(owner) + 1:]
-                if rest in ("bias", "conv.bias"):
+                if rest in ("bias", "conv.bias", "base_layer.bias"):
                     tensors[PREFIX + f"{owner}.base_layer.bias"] = _tensor(p)
             elif bias == "all" and "bias" in pname.rsplit(".", 1)[-1]:
                 tensors[PREFIX + pname] = _tensor(p)
@@ -554,7 +556,7 @@ def load_adapter(model: nn.Module, directory: str, *, strict: bool = True,
                 lora_dropout=config.get("lora_dropout", 0.0) or 0.0, fan_in_fan_out=None,
                 bias=config.get("bias", "none"), modules_to_save=config.get("modules_to_save"),
                 rank_pattern=rank_pattern, alpha_pattern=config.get("alpha_pattern") or None,
-                exclude_modules=config.get("exclude_modules"), merge_weights=True)
+                exclude_modules=config.get("exclude_modules"), merge_weights=None)
         except ValueError as e:
             raise AdapterError(f"injecting the adapter's layers: {e}") from e
     try:
@@ -629,7 +631,7 @@ def _load(model, config, lora, other, strict) -> LoadedAdapter:
         target = path
         if ".base_layer." in path:
             owner, _, rest = path.partition(".base_layer.")
-            if owner in layers:
+            if owner in layers and not isinstance(layers[owner].m, WrappedLinear):
                 target = (f"{owner}.conv.{rest}" if layers[owner].kind == "conv"
                           else f"{owner}.{rest}")
         else:

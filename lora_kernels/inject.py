@@ -12,6 +12,14 @@ embedding A zero and B normal), so the model's outputs are unchanged. Then every
 parameter but LoRA's is frozen (``mark_only_lora_as_trainable(model, bias)``),
 and the parameters of ``modules_to_save`` are left trainable.
 
+A bitsandbytes ``Linear4bit``/``Linear8bitLt`` (a model loaded with a
+``BitsAndBytesConfig``: QLoRA) becomes a :class:`~lora_kernels.wrapped.WrappedLinear`
+around it: the quantized layer runs as it is (its state-dict keys gain
+``.base_layer``, as in PEFT), W is never dequantized into a kept copy, and
+``lora_A``/``lora_B`` are float32. Those layers never merge: ``merge_weights``
+defaults to loralib's True for the others, and asking for it explicitly on a
+quantized target is an error (``WrappedLinear`` says why).
+
 Targets are chosen as PEFT chooses them: a list of names, each matching a
 module whose name is that name or ends with ``"." + name``; a string, matched
 as a regular expression against the whole module name; or ``"all-linear"``
@@ -42,13 +50,15 @@ from . import distributed
 from . import functional as LF
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer
 from .utils import _check_bias, mark_only_lora_as_trainable
+from .wrapped import WrappedLinear, dense_numel
 
 # What ``inject`` records on the model (``save_adapter`` reads it back).
 CONFIG_ATTR = "_lora_kernels_inject_config"
 ALL_LINEAR = "all-linear"
 
 _CONV = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
-SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, transformers Conv1D"
+SUPPORTED = ("nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, transformers Conv1D, "
+             "bitsandbytes Linear4bit/Linear8bitLt")
 
 
 def _hf_conv1d():
@@ -56,12 +66,22 @@ def _hf_conv1d():
     return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
+def _bnb_linear(t: type) -> bool:
+    # bitsandbytes is imported by any model that holds its layers; never import it here.
+    bnb = sys.modules.get("bitsandbytes.nn")
+    return bnb is not None and t in (getattr(bnb, "Linear4bit", None),
+                                     getattr(bnb, "Linear8bitLt", None))
+
+
 def layer_kind(module: nn.Module) -> Optional[str]:
-    """'linear', 'conv1d_hf', 'embedding' or 'conv' for a layer inject can wrap, else None.
+    """'linear', 'conv1d_hf', 'embedding', 'conv' or 'quantized' (bitsandbytes
+    4/8-bit) for a layer inject can wrap, else None.
 
     Exact types: a subclass may have its own forward, which the LoRA layer would drop.
     """
     t = type(module)
+    if _bnb_linear(t):
+        return "quantized"
     if t is nn.Linear:
         return "linear"
     if t is nn.Embedding:
@@ -204,7 +224,7 @@ def _resolve_all_linear(model: nn.Module) -> List[str]:
         except Exception:       # models without an LM head may raise
             out_emb = None
     return [name for name, m in candidate_modules(model)
-            if layer_kind(m) in ("linear", "conv1d_hf") and m is not out_emb]
+            if layer_kind(m) in ("linear", "conv1d_hf", "quantized") and m is not out_emb]
 
 
 def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bias,
@@ -228,8 +248,9 @@ def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bi
     if fan_in_fan_out not in (None, True, False):
         _fail("fan_in_fan_out", fan_in_fan_out, "None (from the layer type), True or False")
     _check_bias(bias)
-    if not isinstance(merge_weights, bool):
-        _fail("merge_weights", merge_weights, "True or False")
+    if merge_weights is not None and not isinstance(merge_weights, bool):
+        _fail("merge_weights", merge_weights, "None (loralib's True where W can take ΔW), "
+              "True or False")
     if modules_to_save is not None:
         _check_names("modules_to_save", modules_to_save, allow_regex=False)
         modules_to_save = list(modules_to_save)
@@ -268,6 +289,11 @@ def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bi
                 and fan_in_fan_out != fifo:
             warnings.warn(f"fan_in_fan_out={fan_in_fan_out} does not fit {name!r} "
                           f"({type(module).__name__}); using fan_in_fan_out={fifo}, as PEFT does")
+        if kind == "quantized" and merge_weights:
+            _fail("merge_weights", merge_weights, f"None or False: {name!r} is a "
+                  f"{type(module).__name__}, and merging ΔW into a quantized W would quantize "
+                  "W + ΔW again, rounding most of a small ΔW away (PEFT does it with a warning; "
+                  "lora_kernels runs the branch unmerged)")
         matched[id(module)] = _Plan([name], module, kind, rr, aa, fifo)
     sharded = [p.names[0] for p in matched.values()
                if any(distributed.is_dtensor(t) for t in p.module.parameters())]
@@ -306,9 +332,15 @@ def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bi
     return list(matched.values()), save_names, targets, modules_to_save
 
 
-def _build(plan: _Plan, lora_dropout: float, merge_weights: bool) -> nn.Module:
-    """The LoRA layer for ``plan.module``, holding its weight and bias Parameter objects."""
+def _build(plan: _Plan, lora_dropout: float, merge_weights: Optional[bool]) -> nn.Module:
+    """The LoRA layer for ``plan.module``, holding its weight and bias Parameter objects
+    (or, for a quantized layer, the layer itself)."""
     m, r, alpha = plan.module, plan.r, plan.alpha
+    if plan.kind == "quantized":
+        new = WrappedLinear(m, r=r, lora_alpha=alpha, lora_dropout=lora_dropout)
+        nn.Module.train(new, m.training)
+        return new
+    merge_weights = True if merge_weights is None else merge_weights
     w = m.weight
     meta = dict(device="meta", dtype=w.dtype)    # allocates no W
     if plan.kind in ("linear", "conv1d_hf"):
@@ -359,6 +391,9 @@ def _describe(plan: _Plan, new: nn.Module) -> str:
                 f"kernel_size={new.conv.kernel_size})"
     elif plan.kind == "embedding":
         shape = f"Embedding({new.num_embeddings}, {new.embedding_dim})"
+    elif plan.kind == "quantized":
+        shape = f"WrappedLinear({type(plan.module).__name__}({new.in_features}, " \
+                f"{new.out_features}))"
     else:
         shape = f"Linear({new.in_features}, {new.out_features}" \
                 + (", fan_in_fan_out=True)" if plan.fan_in_fan_out else ")")
@@ -410,8 +445,8 @@ def _inject(model, **kwargs):
     seen = {}
     for p in model.parameters():
         seen[id(p)] = p
-    summary.all_params = sum(p.numel() for p in seen.values())
-    summary.trainable_params = sum(p.numel() for p in seen.values() if p.requires_grad)
+    summary.all_params = sum(dense_numel(p) for p in seen.values())
+    summary.trainable_params = sum(dense_numel(p) for p in seen.values() if p.requires_grad)
     return summary, undo
 
 
@@ -422,14 +457,16 @@ def inject(model: nn.Module, target_modules: Union[Sequence[str], str], r: int =
            rank_pattern: Optional[Dict[str, int]] = None,
            alpha_pattern: Optional[Dict[str, float]] = None,
            exclude_modules: Optional[Union[Sequence[str], str]] = None,
-           merge_weights: bool = True) -> Tuple[nn.Module, InjectSummary]:
+           merge_weights: Optional[bool] = None) -> Tuple[nn.Module, InjectSummary]:
     """Replace the layers named by ``target_modules`` with LoRA layers, in place.
 
     Arguments and defaults are PEFT ``LoraConfig``'s (``fan_in_fan_out=None``
     takes it from the layer type: True for transformers ``Conv1D``, False for
     ``nn.Linear``; a value that does not fit the layer is corrected with a
     warning, as PEFT does). ``merge_weights`` is loralib's (``model.eval()``
-    merges ΔW into W in place, ``model.train()`` takes it out again).
+    merges ΔW into W in place, ``model.train()`` takes it out again); None
+    means True for float weights and False for quantized ones (bitsandbytes),
+    which are never merged (True with a quantized target raises).
 
     Returns ``(model, summary)``; ``print(summary)`` lists the replaced layers
     and the trainable parameter count. Raises ``ValueError`` naming the
