@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent H100/H200 (no internet): versions, the
 # gpu-marked tests, the CUDA bench (headline Linear 4096, Llama-7B MLP shape,
-# a tokens sweep with a plot) and merge_/unmerge_ bandwidth.
+# a tokens sweep with a plot), the QLoRA example and merge_/unmerge_ bandwidth.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # from the repo root
 #
@@ -90,6 +90,11 @@ step host_bound 60 "${BENCH[@]}" --in-features 2048 --out-features 2048 --tokens
 step sweep 90 "${BENCH[@]}" --in-features 4096 --out-features 4096 \
     --tokens 1024 2048 4096 8192 --csv "$OUT/cuda_sweep.csv" --plot "$OUT/linear_bf16.png" \
     2>&1 | tee "$OUT/sweep.txt" || true
+
+# QLoRA: a Llama (hidden 2048, 4 layers) with a bitsandbytes NF4 base, PEFT
+# plain against patched: peak memory per step and ms per step.
+step qlora 60 "$PY" python/qlora_finetune.py --device cuda --hidden 2048 --layers 4 \
+    --seq 256 --batch 4 --steps 12 2>&1 | tee "$OUT/qlora_cuda.txt" || true
 
 # merge_ / unmerge_ on a 4096x4096 bf16 W, r16: GB/s vs one read + write of W.
 step merge 45 "$PY" - <<'EOF' 2>&1 | tee "$OUT/merge.txt" || true

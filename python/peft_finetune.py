@@ -98,40 +98,10 @@ def timed_step(model, opt, ids, labels, seed, cuda):
     return time.perf_counter() - t0, loss.item()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=("llama", "gpt2"), default="llama")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=64)
-    ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--dropout", type=float, default=0.05)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    from peft import LoraConfig, get_peft_model
-
-    device = torch.device(args.device)
-    base, targets = build(args)
-    base.to(device=device, dtype=getattr(torch, args.dtype))
-    peft_model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
-                                                 lora_dropout=args.dropout,
-                                                 target_modules=targets))
-    # LoRA B starts at zero: give it a small value so both runs start from
-    # the same non-trivial adapter.
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.01)
-    runs = {"peft": peft_model, "patched": copy.deepcopy(peft_model)}
-    report = lora_kernels.patch_peft(runs["patched"], verbose=False)
-    print(f"{args.model}: hidden {args.hidden}, {args.layers} layers, r={args.rank}, "
-          f"dropout {args.dropout}, {args.dtype} on {device}; "
-          f"patch_peft fused {len(report.patched)} layers, left {len(report.deferred)} to PEFT")
+def compare(runs, args, device):
+    """Train ``runs`` ({"peft": model, "patched": model}, same start) on the same
+    batches, steps interleaved; print loss, ms per step and memory. Returns
+    (losses, memory, times), each a dict by run."""
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.lr)
             for k, m in runs.items()}
     data = batches(args, device)
@@ -171,6 +141,47 @@ def main(argv=None):
     print(f"patched: {speed:.2f}x PEFT's speed, {memory['patched'] / memory['peft']:.2f}x "
           f"its memory")
     return losses, memory, times
+
+
+def init_b(peft_model):
+    """LoRA B starts at zero: give it a small value so both runs start from
+    the same non-trivial adapter."""
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("llama", "gpt2"), default="llama")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from peft import LoraConfig, get_peft_model
+
+    device = torch.device(args.device)
+    base, targets = build(args)
+    base.to(device=device, dtype=getattr(torch, args.dtype))
+    peft_model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                                                 lora_dropout=args.dropout,
+                                                 target_modules=targets))
+    init_b(peft_model)
+    runs = {"peft": peft_model, "patched": copy.deepcopy(peft_model)}
+    report = lora_kernels.patch_peft(runs["patched"], verbose=False)
+    print(f"{args.model}: hidden {args.hidden}, {args.layers} layers, r={args.rank}, "
+          f"dropout {args.dropout}, {args.dtype} on {device}; "
+          f"patch_peft fused {len(report.patched)} layers, left {len(report.deferred)} to PEFT")
+    return compare(runs, args, device)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from bnb_support import bnb_reason
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,6 +43,18 @@ def test_peft_finetune_gpt2_without_dropout_equals_peft():
     for a, b in zip(losses["peft"], losses["patched"]):
         assert abs(a - b) < 1e-4
     assert memory["patched"] <= memory["peft"] + 1e-3  # + the 8-byte seeds
+
+
+@pytest.mark.skipif(bnb_reason() is not None, reason=str(bnb_reason()))
+def test_qlora_finetune_fuses_all_and_equals_peft_without_dropout():
+    args = ["--steps", "3", "--hidden", "128", "--seq", "8", "--batch", "2"]
+    losses, memory, _ = _load("qlora_finetune").main(args + ["--dtype", "float32",
+                                                              "--dropout", "0"])
+    for a, b in zip(losses["peft"], losses["patched"]):
+        assert abs(a - b) < 1e-4 * abs(b)
+    losses, memory, _ = _load("qlora_finetune").main(args)  # bf16, dropout 0.05
+    assert abs(losses["peft"][0] - losses["patched"][0]) < 0.05
+    assert memory["patched"] < 0.75 * memory["peft"]
 
 
 def test_convert_adapter_round_trips_both_ways(tmp_path):
