@@ -94,6 +94,17 @@ def fused_only():
         yield
 
 
+def check_parity(model, ref, batch):
+    """The patched model runs fused only; its loss and every LoRA gradient are PEFT's."""
+    with fused_only():
+        loss = model(**batch).loss
+        loss.backward()
+    ref_loss = ref(**batch).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    assert_same_grads(model, ref)
+
+
 def test_patch_peft_fuses_every_4bit_layer_and_matches_peft(llama_dir):
     """The issue's model: NF4 base, r=8 on 7 projections, fp32 compute,
     dropout 0: all 14 layers fused around Linear4bit; loss, every LoRA
@@ -103,14 +114,7 @@ def test_patch_peft_fuses_every_4bit_layer_and_matches_peft(llama_dir):
     assert len(report.patched) == 14 and not report.deferred
     assert set(report.around.values()) == {"Linear4bit"}
     assert "14 Linear4bit base layers run as their own modules" in str(report)
-    batch = tokens()
-    with fused_only():
-        loss = model(**batch).loss
-        loss.backward()
-    ref_loss = ref(**batch).loss
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, **TOL)
-    assert_same_grads(model, ref)
+    check_parity(model, ref, tokens())
     assert all(g.abs().sum() > 0 for g in lora_grads(model).values())
 
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
@@ -136,14 +140,7 @@ def test_patch_peft_fuses_every_4bit_layer_and_matches_peft(llama_dir):
 def test_other_quantized_layers_match_peft(llama_dir, bits, config):
     model, ref, report = peft_pair(llama_dir, config, bits=bits)
     assert len(report.around) == 4 and not report.deferred
-    batch = tokens()
-    with fused_only():
-        loss = model(**batch).loss
-        loss.backward()
-    ref_loss = ref(**batch).loss
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, **TOL)
-    assert_same_grads(model, ref)
+    check_parity(model, ref, tokens())
 
 
 def test_bf16_with_dropout_runs_fused_and_holds_no_copy_of_x(llama_dir):
