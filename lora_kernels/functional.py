@@ -25,8 +25,9 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-from . import distributed, ops, routes
+from . import distributed, dora, ops, routes
 
 _lk = torch.ops.lora_kernels
 
@@ -214,6 +215,79 @@ def _delta_composite(fwd, x: Tensor, base: Tensor, lora_A: Tensor, lora_B: Tenso
     y, _ = fwd(x.reshape(-1, in_f), base.reshape(-1, out_f), lora_A, lora_B, seed,
                float(scaling), p, num_groups, list(groups))
     return _unflatten(y, tuple(base.shape))
+
+
+# W -> (W's version, data pointer, fan_in_fan_out, ‖W_i‖²): a frozen W's row
+# norms are computed once, and again only when W changes in place.
+_ROW_SQ = WeakIdKeyDictionary()
+
+
+def weight_row_sq(weight: Tensor, fan_in_fan_out: bool = False) -> Tensor:
+    """‖W_i‖² per output row, cached on W (keyed on its version counter)."""
+    if torch.compiler.is_compiling() or distributed.is_dtensor(weight):
+        return dora.weight_row_sq(weight, fan_in_fan_out)
+    key = (weight._version, weight.data_ptr(), bool(fan_in_fan_out))
+    hit = _ROW_SQ.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    sq = dora.weight_row_sq(weight.detach(), fan_in_fan_out)
+    _ROW_SQ[weight] = (key, sq)
+    return sq
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                     fan_in_fan_out: bool = False, lora_bias: Optional[Tensor] = None) -> Tensor:
+    """‖W + scaling·(B·A + b_B·1ᵀ)‖ per output row (detached; float32, or
+    float64 for a float64 W) without building the out×in sum; ‖W_i‖² is cached."""
+    sq = weight_row_sq(weight, fan_in_fan_out)
+    return dora.weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(), sq,
+                            float(scaling), bool(fan_in_fan_out),
+                            None if lora_bias is None else lora_bias.detach())
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                lora_B: Tensor, magnitude: Tensor, scaling: float, dropout_p: float = 0.0,
+                training: bool = True, fan_in_fan_out: bool = False,
+                lora_bias: Optional[Tensor] = None,
+                weight_norm: Optional[Tensor] = None) -> Tensor:
+    """DoRA, PEFT's math: with x̂ = dropout(x) and m = magnitude / ‖W + s·ΔW‖
+    (rows, detached; ``weight_norm`` if given, else computed here),
+
+        y = x·Wᵀ + bias + (m − 1)·(x̂·Wᵀ) + m·s·(x̂·Aᵀ·Bᵀ + lora_bias)
+
+    ``lora_bias`` is PEFT's ``lora_B.bias`` (``lora_bias=True``), ΔW = B·A + b_B·1ᵀ.
+    Differentiable in x, A, B, magnitude, lora_bias (and W, bias)."""
+    dropout_p = check_dropout(dropout_p)
+    x, weight, bias, lora_A, lora_B, magnitude, lora_bias = _autocast(
+        x, weight, bias, lora_A, lora_B, magnitude, lora_bias)
+    if weight.dim() != 2:
+        _fail("weight.dim()", weight.dim(), 2)
+    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        _fail("x.shape", tuple(x.shape), f"(..., {in_f}) (in_features={in_f})")
+    r = lora_A.shape[0] if lora_A.dim() == 2 else 0
+    if lora_A.dim() != 2 or r == 0 or lora_A.shape != (r, in_f):
+        _fail("lora_A.shape", tuple(lora_A.shape), f"(r, {in_f})")
+    if lora_B.shape != (out_f, r):
+        _fail("lora_B.shape", tuple(lora_B.shape), (out_f, r))
+    for name, t in (("bias", bias), ("magnitude", magnitude), ("lora_bias", lora_bias),
+                    ("weight_norm", weight_norm)):
+        if t is not None and t.shape != (out_f,):
+            _fail(f"{name}.shape", tuple(t.shape), (out_f,))
+    _check_same(x, [("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
+                    ("magnitude", magnitude), ("lora_bias", lora_bias)])
+    if weight_norm is None:
+        weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, lora_bias)
+    # m in x's dtype, the norm rounded to it first, as PEFT does.
+    mag = magnitude / weight_norm.detach().to(x.dtype)
+    p = dropout_p if training else 0.0
+    seed = draw_seed(x.device) if p > 0 else _no_seed(x)
+    weight, fan_in_fan_out = _standard_layout(weight, fan_in_fan_out)
+    y, _, _ = _lk.dora_linear_fwd(x.reshape(-1, in_f), weight, bias, lora_A, lora_B, mag, seed,
+                                  float(scaling), p, fan_in_fan_out)
+    if lora_bias is not None:
+        y = y + (mag * float(scaling)) * lora_bias
+    return _unflatten(y, (*x.shape[:-1], out_f))
 
 
 def _unflatten(y: Tensor, shape) -> Tensor:

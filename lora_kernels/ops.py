@@ -62,6 +62,18 @@ groups) -> (y, s)``
 ``lora_delta_bwd(grad, x, lora_A, lora_B, s, seed, scaling, dropout_p,
 num_groups, groups, output_mask) -> (dx, dA, dB)``
     The branch's gradients (base's is ``grad`` itself); three flags.
+
+DoRA's ops are composed from each backend's kernels above
+(``lora_kernels.dora``, which has the math and the memory plan):
+``dora_linear_fwd(x, weight, bias, lora_A, lora_B, mag, seed, scaling,
+dropout_p, fan_in_fan_out) -> (y, s, z)``
+    ``y = x·Wᵀ + bias + (m − 1)·(x̂·Wᵀ) + m·scaling·(x̂·Aᵀ)·Bᵀ`` with
+    x̂ = dropout(x) and ``mag`` = m = magnitude / ‖W + scaling·B·A‖ (out,), in
+    x's dtype; ``s`` as in ``lora_linear_fwd``, ``z = x̂·Wᵀ + scaling·x̂·Aᵀ·Bᵀ``
+    (tokens, out) is kept for m's gradient.
+``dora_linear_bwd(grad, x, weight, lora_A, lora_B, mag, s, z, seed, scaling,
+dropout_p, fan_in_fan_out, output_mask) -> (dx, dweight, dbias, dA, dB, dmag)``
+    Six flags.
 """
 from __future__ import annotations
 
@@ -71,7 +83,7 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, dora as _dora
 
 try:
     from . import _C  # noqa: F401  (defines the lora_kernels library: the C++ path)
@@ -319,8 +331,60 @@ lora_delta_bwd = _define(
     "(Tensor, Tensor, Tensor)", _delta_bwd_impl, _delta_bwd_fake)
 
 
+# ---------------------------------------------------------------------------
+# DoRA: composed from the device backend's lora_linear and dropout kernels
+# ---------------------------------------------------------------------------
+
+def _dora_fwd_impl(x, weight, bias, lora_A, lora_B, mag, seed, scaling, dropout_p,
+                   fan_in_fan_out):
+    return _dora.linear_fwd(backends.for_device(x.device), x, weight, bias, lora_A, lora_B, mag,
+                            seed, scaling, dropout_p, fan_in_fan_out)
+
+
+def _dora_fwd_fake(x, weight, bias, lora_A, lora_B, mag, seed, scaling, dropout_p,
+                   fan_in_fan_out):
+    torch._check(x.dim() == 2, lambda: f"dora_linear_fwd: x must be 2-D, got {x.dim()}-D")
+    y = x.new_empty(x.shape[0], _out_features(weight, fan_in_fan_out))
+    s = x.new_empty(x.shape[0], lora_A.shape[0], dtype=lowrank_dtype(x.dtype))
+    return y, s, torch.empty_like(y)
+
+
+dora_linear_fwd = _define(
+    "dora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+    "Tensor mag, Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out) -> "
+    "(Tensor, Tensor, Tensor)", _dora_fwd_impl, _dora_fwd_fake)
+
+
+def _dora_bwd_impl(grad, x, weight, lora_A, lora_B, mag, s, z, seed, scaling, dropout_p,
+                   fan_in_fan_out, output_mask):
+    return _dora.linear_bwd(backends.for_device(grad.device), grad, x, weight, lora_A, lora_B,
+                            mag, s, z, seed, scaling, dropout_p, fan_in_fan_out, output_mask)
+
+
+def _dora_bwd_fake(grad, x, weight, lora_A, lora_B, mag, s, z, seed, scaling, dropout_p,
+                   fan_in_fan_out, output_mask):
+    tokens = grad.shape[0]
+    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    wants = list(output_mask)
+    dx = grad.new_empty(tokens, in_features) if wants[0] else _empty(grad)
+    dw = weight.new_empty(weight.shape) if wants[1] else _empty(weight)
+    db = grad.new_empty(grad.shape[1]) if wants[2] else _empty(grad)
+    da = lora_A.new_empty(lora_A.shape) if wants[3] else _empty(lora_A)
+    dB = lora_B.new_empty(lora_B.shape) if wants[4] else _empty(lora_B)
+    dm = mag.new_empty(mag.shape) if wants[5] else _empty(mag)
+    return dx, dw, db, da, dB, dm
+
+
+dora_linear_bwd = _define(
+    "dora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+    "Tensor mag, Tensor s, Tensor z, Tensor seed, float scaling, float dropout_p, "
+    "bool fan_in_fan_out, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)", _dora_bwd_impl, _dora_bwd_fake)
+
+
 OPS: Sequence = (lora_linear_fwd, lora_linear_bwd, lora_embedding_fwd, lora_embedding_bwd,
-                 merge_, unmerge_, merged_weight, dropout, lora_delta_fwd, lora_delta_bwd)
+                 merge_, unmerge_, merged_weight, dropout, lora_delta_fwd, lora_delta_bwd,
+                 dora_linear_fwd, dora_linear_bwd)
 
 
 def _route_devices_to_env_backend() -> None:
@@ -386,6 +450,8 @@ _decompose_when_traceable(lora_embedding_fwd, 1,  # padding_idx is for backward 
                           lambda b, *a: b.lora_embedding_fwd(*a[:5]))
 _decompose_when_traceable(lora_embedding_bwd, 0, lambda b, *a: b.lora_embedding_bwd(*a))
 _decompose_when_traceable(dropout, 0, lambda b, *a: b.dropout(*a))
+_decompose_when_traceable(dora_linear_fwd, 0, lambda b, *a: _dora.linear_fwd(b, *a))
+_decompose_when_traceable(dora_linear_bwd, 0, lambda b, *a: _dora.linear_bwd(b, *a))
 
 
 from . import routes  # noqa: E402,F401  (the Python autograd and the named-backend routes)

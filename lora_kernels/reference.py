@@ -201,3 +201,33 @@ def merged_weight(weight, lora_A, lora_B, scaling: float, fan_in_fan_out: bool =
     out_rows = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     delta = delta_weight(lora_A, lora_B, num_groups, groups, out_rows) * scaling
     return weight + (delta.t() if fan_in_fan_out else delta).to(weight.dtype)
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling: float, fan_in_fan_out: bool = False,
+                     lora_bias=None) -> torch.Tensor:
+    """‖W + scaling·(B·A + b_B·1ᵀ)‖ per output row, as PEFT's DoRA takes it
+    (``lora_bias``, PEFT's ``lora_B.bias``, enters its ΔW on every column).
+    Detached: DoRA treats the norm as a constant (paper §4.3)."""
+    w = weight.t() if fan_in_fan_out else weight
+    delta = lora_B @ lora_A
+    if lora_bias is not None:
+        delta = delta + lora_bias[:, None]
+    return torch.linalg.norm(w + scaling * delta, dim=1).detach()
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float,
+                dropout_p: float = 0.0, seed=0, fan_in_fan_out: bool = False,
+                lora_bias=None) -> torch.Tensor:
+    """DoRA (Liu et al. 2024) as PEFT computes it, with x̂ = dropout(x) and
+    m = magnitude / ‖W + s·ΔW‖ (rows, detached):
+
+        y = x·Wᵀ + bias + (m − 1)·(x̂·Wᵀ) + m·s·(x̂·Aᵀ·Bᵀ + b_B)
+    """
+    w = weight.t() if fan_in_fan_out else weight
+    m = magnitude / dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out,
+                                     lora_bias).to(x.dtype)
+    xd = dropout(x, seed, dropout_p)
+    branch = (xd @ lora_A.t()) @ lora_B.t()
+    if lora_bias is not None:
+        branch = branch + lora_bias
+    return F.linear(x, w, bias) + (m - 1) * F.linear(xd, w) + m * scaling * branch

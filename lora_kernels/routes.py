@@ -103,7 +103,8 @@ def _asked(grads, mask):
 # forward ops' routes, with their autograd, follow).
 for _op, _impl in ((ops.lora_linear_bwd, ops._linear_bwd_impl),
                    (ops.lora_embedding_bwd, ops._embedding_bwd_impl),
-                   (ops.lora_delta_bwd, ops._delta_bwd_impl)):
+                   (ops.lora_delta_bwd, ops._delta_bwd_impl),
+                   (ops.dora_linear_bwd, ops._dora_bwd_impl)):
     route(_op, lambda *args, _op=_op, _impl=_impl: _run(_op, _impl, *args))
 
 
@@ -209,6 +210,43 @@ class _DeltaFunction(torch.autograd.Function):
 
 
 _register_autograd(ops.lora_delta_fwd, _DeltaFunction, (0, 1, 2, 3), ops._delta_fwd_impl)
+
+
+# ---------------------------------------------------------------------------
+# DoRA (the ops are composed from the backend's kernels: lora_kernels.dora)
+# ---------------------------------------------------------------------------
+
+class _DoraFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, mag, seed, scaling, dropout_p,
+                fan_in_fan_out):
+        y, s, z = _run(ops.dora_linear_fwd, ops._dora_fwd_impl, x, weight, bias, lora_A, lora_B,
+                       mag, seed, scaling, dropout_p, fan_in_fan_out)
+        need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
+        ctx.output_mask = [need_x, need_w, need_b, need_a, need_bb, need_m]
+        ctx.args = (scaling, dropout_p, fan_in_fan_out)
+        ctx.mark_non_differentiable(z)
+        # Held for backward: x only when dA or dW needs it (x̂ is regenerated
+        # from the seed); s (tokens×r); z (tokens×out) only for m's gradient;
+        # m, the parameters and the seed.
+        _hold(ctx, s, x if (need_a or need_w) else None, weight, lora_A, lora_B, mag, s,
+              z if need_m else None, seed)
+        return y, s, z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_s, grad_z):
+        if grad_y is None:
+            return (None,) * 10
+        x, weight, lora_A, lora_B, mag, s, z, seed = ctx.saved_tensors
+        x = grad_y.new_empty(0) if x is None else x
+        z = grad_y.new_empty(0) if z is None else z
+        grads = _run_backward(ctx, ops.dora_linear_bwd, ops._dora_bwd_impl, grad_y, x, weight,
+                              lora_A, lora_B, mag, s, z, seed, *ctx.args, ctx.output_mask)
+        return _asked(grads, ctx.output_mask) + (None,) * 4
+
+
+_register_autograd(ops.dora_linear_fwd, _DoraFunction, (0, 1, 2, 3, 4, 5), ops._dora_fwd_impl)
 
 
 # ---------------------------------------------------------------------------
