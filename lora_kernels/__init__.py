@@ -14,6 +14,8 @@ from .inject import inject
 from .peft_patch import is_patched, patch_peft, unpatch_peft
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 from .wrapped import WrappedLinear
+from .dora_layer import DoraLinear
+from .unload import merge_and_unload
 
 __version__ = "0.1.0"
 
@@ -21,7 +23,8 @@ distributed.register()  # merge_/unmerge_ on DTensors, if torch.distributed.tens
 
 __all__ = [
     "LoRALayer", "Linear", "MergedLinear", "Embedding", "ConvLoRA", "Conv1d", "Conv2d",
-    "Conv3d", "WrappedLinear", "mark_only_lora_as_trainable", "lora_state_dict", "use_backend",
+    "Conv3d", "WrappedLinear", "DoraLinear", "merge_and_unload", "mark_only_lora_as_trainable",
+    "lora_state_dict", "use_backend",
     "functional",
     "reference", "ops", "adalora", "patch_peft", "unpatch_peft", "is_patched", "inject",
     "save_adapter", "load_adapter", "reset_lora_parameters", "__version__",

@@ -10,6 +10,7 @@ gives in PEFT 0.21.2, as ``PeftModel.save_pretrained`` writes it) and
     base_model.model.<module>.lora_embedding_B     (dim, r_p)
     base_model.model.<module>.lora_A.weight        (r_p, in, k₁, …, k_d)    Conv
     base_model.model.<module>.lora_B.weight        (out, r_p, 1, …, 1)
+    base_model.model.<module>.lora_magnitude_vector (out,)        DoRA (use_dora)
     base_model.model.<module>.base_layer.bias      bias of a LoRA layer (bias="all"/"lora_only")
     base_model.model.<name>                        other biases (bias="all"), modules_to_save
 
@@ -25,7 +26,9 @@ floating-point round-off):
 
 * Linear, transformers Conv1D (``fan_in_fan_out``), Embedding, WrappedLinear
   (a bitsandbytes 4/8-bit base: PEFT's QLoRA keys are a Linear's): A and B as
-  they are, r_p = r. Exact.
+  they are, r_p = r. Exact. A DoraLinear adds its ``lora_magnitude_vector``
+  as it is and the config says ``use_dora``: every LoRA layer of the model is
+  a DoRA one, or none is.
 * MergedLinear(enable_lora) with G enabled groups of ``out/len(enable_lora)``
   rows: a rank r·G LoRA on the whole layer: lora_A is our A (the enabled
   groups' A stacked, r·G × in), lora_B is (out × r·G), group g's B in its rows
@@ -55,8 +58,10 @@ of the model the adapter lacks (``strict``): then nothing is changed. The
 layer's ``lora_alpha`` and ``scaling`` take the adapter's values (use_rslora
 adapters get scaling α/√r_p), merged layers are unmerged and merged again
 around the copy, and biases and modules_to_save tensors are copied into the
-model's own parameters. Refused: adapters for other PEFT methods, DoRA,
-lora_bias, and other options that change the layer's forward.
+model's own parameters. A ``use_dora`` adapter loads into DoraLinear layers
+(``load_adapter`` injecting the layers itself makes them so), a plain one
+into the others. Refused: adapters for other PEFT methods, lora_bias, and
+other options that change the layer's forward.
 """
 from __future__ import annotations
 
@@ -99,7 +104,7 @@ _PEFT_DEFAULTS = {
     "use_qalora": False, "use_rslora": False, "velora_config": None,
 }
 # Options that change what the layer computes or which weights exist: refused when set.
-_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens",
+_UNSUPPORTED = ("lora_bias", "use_qalora", "alora_invocation_tokens",
                 "arrow_config", "use_bdlora", "layer_replication", "target_parameters",
                 "trainable_token_indices", "megatron_config", "velora_config",
                 "monteclora_config", "kasa_config")
@@ -130,6 +135,8 @@ class _Layer:
             raise AdapterError(f"{name}: a LoRA layer of type {type(module).__name__}, which "
                                f"has no PEFT form here")
         self.r = module.r
+        self.dora = isinstance(getattr(module, "lora_magnitude_vector", None), torch.Tensor)
+        self.magnitude_key = PREFIX + f"{name}.lora_magnitude_vector"
         a, b = "lora_embedding_A", "lora_embedding_B"
         self.keys = ((PREFIX + f"{name}.{a}", PREFIX + f"{name}.{b}") if self.kind == "embedding"
                      else (PREFIX + f"{name}.lora_A.weight", PREFIX + f"{name}.lora_B.weight"))
@@ -392,9 +399,17 @@ def save_adapter(model: nn.Module, directory: str, *, bias: Optional[str] = None
 
     tensors: Dict[str, torch.Tensor] = {}
     ranks: Dict[str, Tuple[int, object]] = {}
+    dora = {layer.dora for layer in layers}
+    if len(dora) > 1:
+        raise AdapterError("model: mixes DoRA and plain LoRA layers, which one PEFT adapter "
+                           "cannot hold (its use_dora is for every layer); expected all "
+                           f"or none, DoRA: {[la.name for la in layers if la.dora][:5]}")
     for layer in layers:
         ap, bp, factor = layer.export()
         tensors[layer.keys[0]], tensors[layer.keys[1]] = _tensor(ap), _tensor(bp)
+        if layer.dora:
+            tensors[layer.magnitude_key] = _tensor(
+                distributed.full(layer.m.lora_magnitude_vector.detach()))
         ranks[layer.name] = (layer.r * factor, _alpha_for_peft(layer, factor))
 
     by_name = {layer.name: layer for layer in layers}
@@ -437,7 +452,7 @@ def save_adapter(model: nn.Module, directory: str, *, bias: Optional[str] = None
         fan_in_fan_out=bool(linear) and all(getattr(m, "fan_in_fan_out", False)
                                             for m in linear),
         bias=bias, modules_to_save=list(modules_to_save) if modules_to_save else None,
-        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=dora == {True},
         base_model_name_or_path=base_model_name_or_path)
 
     sharded = _sharded(model)
@@ -465,6 +480,7 @@ class LoadedAdapter:
 
 _LORA_SUFFIXES = ((".lora_A.weight", 0), (".lora_B.weight", 1),
                   (".lora_embedding_A", 0), (".lora_embedding_B", 1))
+_MAGNITUDE = ".lora_magnitude_vector"
 
 
 def _read(directory: str):
@@ -491,10 +507,14 @@ def _read(directory: str):
         raise AdapterError(f"directory: {directory!r} has no {WEIGHTS_NAME}")
     lora: Dict[str, List] = {}
     other: Dict[str, Tuple[str, torch.Tensor]] = {}
+    magnitudes: Dict[str, Tuple[str, torch.Tensor]] = {}
     for key, t in state.items():
         if not key.startswith(PREFIX):
             raise AdapterError(f"{key}: expected keys starting with {PREFIX!r} (PEFT's format)")
         path = key[len(PREFIX):]
+        if path.endswith(_MAGNITUDE) and config.get("use_dora"):
+            magnitudes[path[:-len(_MAGNITUDE)]] = (key, t)
+            continue
         for suffix, slot in _LORA_SUFFIXES:
             if path.endswith(suffix):
                 entry = lora.setdefault(path[:-len(suffix)], [None, None, suffix])
@@ -503,9 +523,9 @@ def _read(directory: str):
         else:
             if "lora_" in path:
                 raise AdapterError(f"{key}: not a LoRA A/B tensor lora_kernels can load "
-                                   f"(DoRA and LoRA biases are not supported)")
+                                   f"(LoRA biases are not supported)")
             other[path] = (key, t)
-    return config, lora, other
+    return config, lora, other, magnitudes
 
 
 def _conv_rank_overrides(model: nn.Module, config: dict, lora) -> Dict[str, int]:
@@ -538,7 +558,7 @@ def load_adapter(model: nn.Module, directory: str, *, strict: bool = True,
     an error. On any error (``AdapterError``, a ValueError) the model is left
     as it was, layers injected here included.
     """
-    config, lora, other = _read(directory)
+    config, lora, other, magnitudes = _read(directory)
     injected, undo = None, None
     if not lora_layers(model):
         if not auto_inject:
@@ -556,11 +576,12 @@ def load_adapter(model: nn.Module, directory: str, *, strict: bool = True,
                 lora_dropout=config.get("lora_dropout", 0.0) or 0.0, fan_in_fan_out=None,
                 bias=config.get("bias", "none"), modules_to_save=config.get("modules_to_save"),
                 rank_pattern=rank_pattern, alpha_pattern=config.get("alpha_pattern") or None,
-                exclude_modules=config.get("exclude_modules"), merge_weights=None)
+                exclude_modules=config.get("exclude_modules"), merge_weights=None,
+                use_dora=bool(config.get("use_dora")))
         except ValueError as e:
             raise AdapterError(f"injecting the adapter's layers: {e}") from e
     try:
-        result = _load(model, config, lora, other, strict)
+        result = _load(model, config, lora, other, magnitudes, strict)
     except BaseException:
         if undo is not None:
             undo()
@@ -569,11 +590,13 @@ def load_adapter(model: nn.Module, directory: str, *, strict: bool = True,
     return result
 
 
-def _load(model, config, lora, other, strict) -> LoadedAdapter:
+def _load(model, config, lora, other, magnitudes, strict) -> LoadedAdapter:
     layers = {layer.name: layer for layer in lora_layers(model)}
     modules = dict(model.named_modules())
     errors: List[str] = []
-    plan = []               # (layer, A, B, lora_alpha, scaling)
+    plan = []               # (layer, A, B, lora_alpha, scaling, DoRA magnitude or None)
+    errors += [f"{key}: a DoRA magnitude for '{path}', which has no lora_A/lora_B in the adapter"
+               for path, (key, _) in magnitudes.items() if path not in lora]
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora"))
@@ -602,6 +625,23 @@ def _load(model, config, lora, other, strict) -> LoadedAdapter:
         except AdapterError as e:
             errors.append(str(e))
             continue
+        magnitude = None
+        if layer.dora != bool(config.get("use_dora")):
+            errors.append(f"{ta[0]}: '{path}' is a {'DoRA' if layer.dora else 'plain LoRA'} "
+                          f"layer and {CONFIG_NAME} has use_dora={config.get('use_dora')!r}; "
+                          f"expected use_dora={layer.dora}")
+            continue
+        if layer.dora:
+            found = magnitudes.get(path)
+            want = (layer.m.out_features,)
+            if found is None:
+                errors.append(f"{layer.magnitude_key}: missing (a DoRA adapter has one per "
+                              f"layer)")
+                continue
+            if tuple(found[1].shape) != want:
+                errors.append(f"{found[0]}: shape {tuple(found[1].shape)}, expected {want}")
+                continue
+            magnitude = found[1]
         rp = ta[1].shape[0]
         key = pattern_key(rank_pattern, path)
         r_cfg = rank_pattern[key] if key else config.get("r", 8)
@@ -615,7 +655,7 @@ def _load(model, config, lora, other, strict) -> LoadedAdapter:
         alpha = alpha_p * r // rp if not rslora and (alpha_p * r) % rp == 0 else scaling * r
         if alpha / r != scaling:
             alpha = scaling * r
-        plan.append((layer, a, b, alpha, scaling))
+        plan.append((layer, a, b, alpha, scaling, magnitude))
     if strict:
         missing = [n for n in layers if n not in lora]
         if missing:
@@ -654,13 +694,15 @@ def _load(model, config, lora, other, strict) -> LoadedAdapter:
         raise AdapterError("load_adapter: nothing was loaded:\n  " + "\n  ".join(errors))
 
     with torch.no_grad():
-        for layer, a, b, alpha, scaling in plan:
+        for layer, a, b, alpha, scaling, magnitude in plan:
             m = layer.m
             remerge = getattr(m, "merged", False)
             if remerge:
                 m._apply_delta(-1)
             distributed.copy_full_(m.lora_A, a)  # each rank's block (FSDP2)
             distributed.copy_full_(m.lora_B, b)
+            if magnitude is not None:
+                distributed.copy_full_(m.lora_magnitude_vector, magnitude)
             m.lora_alpha, m.scaling = alpha, scaling
             if remerge:
                 m._apply_delta(+1)

@@ -48,6 +48,7 @@ import torch.nn as nn
 
 from . import distributed
 from . import functional as LF
+from .dora_layer import DoraLinear
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer
 from .utils import _check_bias, mark_only_lora_as_trainable
 from .wrapped import WrappedLinear, dense_numel
@@ -228,7 +229,8 @@ def _resolve_all_linear(model: nn.Module) -> List[str]:
 
 
 def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bias,
-          modules_to_save, rank_pattern, alpha_pattern, exclude_modules, merge_weights):
+          modules_to_save, rank_pattern, alpha_pattern, exclude_modules, merge_weights,
+          use_dora=False):
     """Check everything and decide what to replace; changes nothing."""
     if not isinstance(model, nn.Module):
         _fail("model", type(model).__name__, "a torch.nn.Module")
@@ -251,6 +253,8 @@ def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bi
     if merge_weights is not None and not isinstance(merge_weights, bool):
         _fail("merge_weights", merge_weights, "None (loralib's True where W can take ΔW), "
               "True or False")
+    if not isinstance(use_dora, bool):
+        _fail("use_dora", use_dora, "True or False")
     if modules_to_save is not None:
         _check_names("modules_to_save", modules_to_save, allow_regex=False)
         modules_to_save = list(modules_to_save)
@@ -261,7 +265,7 @@ def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bi
 
     cands = candidate_modules(model)
     matched: Dict[int, _Plan] = {}
-    unsupported, already, unmatched = [], [], []
+    unsupported, already, unmatched, unsupported_dora = [], [], [], []
     hit = set()
     for name, module in cands:
         if not matches(name, targets):
@@ -294,6 +298,8 @@ def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bi
                   f"{type(module).__name__}, and merging ΔW into a quantized W would quantize "
                   "W + ΔW again, rounding most of a small ΔW away (PEFT does it with a warning; "
                   "lora_kernels runs the branch unmerged)")
+        if use_dora and kind not in ("linear", "conv1d_hf"):
+            unsupported_dora.append(f"{name!r} ({type(module).__name__})")
         matched[id(module)] = _Plan([name], module, kind, rr, aa, fifo)
     sharded = [p.names[0] for p in matched.values()
                if any(distributed.is_dtensor(t) for t in p.module.parameters())]
@@ -311,6 +317,10 @@ def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bi
     if not matched:
         _fail("target_modules", target_modules, f"names that match modules of the model; "
               f"{_examples(model)}")
+    if unsupported_dora:
+        _fail("use_dora", use_dora, f"False for targets other than nn.Linear and transformers "
+              f"Conv1D (DoRA layers are dense ones here); target_modules matches "
+              f"{', '.join(unsupported_dora[:5])}")
     if not isinstance(targets, str):
         unmatched = [t for t in targets if t not in hit]
         if unmatched:
@@ -332,7 +342,8 @@ def _plan(model, target_modules, r, lora_alpha, lora_dropout, fan_in_fan_out, bi
     return list(matched.values()), save_names, targets, modules_to_save
 
 
-def _build(plan: _Plan, lora_dropout: float, merge_weights: Optional[bool]) -> nn.Module:
+def _build(plan: _Plan, lora_dropout: float, merge_weights: Optional[bool],
+           use_dora: bool = False) -> nn.Module:
     """The LoRA layer for ``plan.module``, holding its weight and bias Parameter objects
     (or, for a quantized layer, the layer itself)."""
     m, r, alpha = plan.module, plan.r, plan.alpha
@@ -348,9 +359,10 @@ def _build(plan: _Plan, lora_dropout: float, merge_weights: Optional[bool]) -> n
             in_f, out_f = m.in_features, m.out_features
         else:
             in_f, out_f = w.shape               # Conv1D keeps W as (in, out)
-        new = Linear(in_f, out_f, r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
-                     fan_in_fan_out=plan.fan_in_fan_out, merge_weights=merge_weights,
-                     bias=m.bias is not None, **meta)
+        new = (DoraLinear if use_dora else Linear)(
+            in_f, out_f, r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
+            fan_in_fan_out=plan.fan_in_fan_out, merge_weights=merge_weights,
+            bias=m.bias is not None, **meta)
         owner = new
     elif plan.kind == "embedding":
         new = Embedding(m.num_embeddings, m.embedding_dim, r=r, lora_alpha=alpha,
@@ -381,6 +393,8 @@ def _build(plan: _Plan, lora_dropout: float, merge_weights: Optional[bool]) -> n
         nn.init.zeros_(b)
     new.lora_A = nn.Parameter(a)
     new.lora_B = nn.Parameter(b)
+    if use_dora:    # PEFT's start: m = ‖W + s·B·A‖ = ‖W‖ per row
+        new.lora_magnitude_vector = nn.Parameter(new.weight_norm().to(w.dtype))
     nn.Module.train(new, m.training)     # the flag only: nothing to merge yet
     return new
 
@@ -395,7 +409,7 @@ def _describe(plan: _Plan, new: nn.Module) -> str:
         shape = f"WrappedLinear({type(plan.module).__name__}({new.in_features}, " \
                 f"{new.out_features}))"
     else:
-        shape = f"Linear({new.in_features}, {new.out_features}" \
+        shape = f"{type(new).__name__}({new.in_features}, {new.out_features}" \
                 + (", fan_in_fan_out=True)" if plan.fan_in_fan_out else ")")
     return f"{shape}, r={plan.r}, lora_alpha={plan.alpha}"
 
@@ -420,7 +434,8 @@ def _inject(model, **kwargs):
     summary = InjectSummary(modules_to_save=save_names)
     try:
         for plan in plans:
-            new = _build(plan, kwargs["lora_dropout"], kwargs["merge_weights"])
+            new = _build(plan, kwargs["lora_dropout"], kwargs["merge_weights"],
+                         kwargs.get("use_dora", False))
             for name in plan.names:
                 parent_name, _, attr = name.rpartition(".")
                 parent = model.get_submodule(parent_name)
@@ -457,7 +472,8 @@ def inject(model: nn.Module, target_modules: Union[Sequence[str], str], r: int =
            rank_pattern: Optional[Dict[str, int]] = None,
            alpha_pattern: Optional[Dict[str, float]] = None,
            exclude_modules: Optional[Union[Sequence[str], str]] = None,
-           merge_weights: Optional[bool] = None) -> Tuple[nn.Module, InjectSummary]:
+           merge_weights: Optional[bool] = None,
+           use_dora: bool = False) -> Tuple[nn.Module, InjectSummary]:
     """Replace the layers named by ``target_modules`` with LoRA layers, in place.
 
     Arguments and defaults are PEFT ``LoraConfig``'s (``fan_in_fan_out=None``
@@ -467,6 +483,9 @@ def inject(model: nn.Module, target_modules: Union[Sequence[str], str], r: int =
     merges ΔW into W in place, ``model.train()`` takes it out again); None
     means True for float weights and False for quantized ones (bitsandbytes),
     which are never merged (True with a quantized target raises).
+    ``use_dora`` is PEFT's: the Linear and Conv1D targets become
+    :class:`~lora_kernels.dora_layer.DoraLinear` layers (other target types
+    are refused with use_dora).
 
     Returns ``(model, summary)``; ``print(summary)`` lists the replaced layers
     and the trainable parameter count. Raises ``ValueError`` naming the
@@ -479,5 +498,5 @@ def inject(model: nn.Module, target_modules: Union[Sequence[str], str], r: int =
                          lora_dropout=lora_dropout, fan_in_fan_out=fan_in_fan_out, bias=bias,
                          modules_to_save=modules_to_save, rank_pattern=rank_pattern,
                          alpha_pattern=alpha_pattern, exclude_modules=exclude_modules,
-                         merge_weights=merge_weights)
+                         merge_weights=merge_weights, use_dora=use_dora)
     return model, summary

@@ -116,12 +116,15 @@ class LoRALayer:
         key = prefix + module._weight_name()
         if module.merged and module._has_lora() and key in destination:
             w = destination[key].detach().clone()
-            _, fan_in_fan_out, enable_lora = module._merge_args()
             with torch.no_grad():
-                LF.unmerge_(w, *module._lora_pair(),
-                            module.scaling, fan_in_fan_out, enable_lora)
+                module._unmerge_copy(w)
             destination[key] = w
         return destination
+
+    def _unmerge_copy(self, w: torch.Tensor) -> None:
+        """In place: a copy ``w`` of the merged W back to W alone."""
+        _, fan_in_fan_out, enable_lora = self._merge_args()
+        LF.unmerge_(w, *self._lora_pair(), self.scaling, fan_in_fan_out, enable_lora)
 
     @staticmethod
     def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as LF
-from .peft_layers import _adapter_dict, _gemm_base, _global_hooks, _has_hooks, _plain
+from .peft_layers import (_adapter_dict, _gemm_base, _global_hooks, _has_hooks, _plain,
+                          fused_variant)
 
 _NO_CONTEXT = contextlib.nullcontext()
 
@@ -35,14 +36,18 @@ def _plain_linear(m) -> bool:
     return type(m) is nn.Linear and not _has_hooks(m)
 
 
-def _active(layer, kind):
-    """The active adapters of this layer, or None when PEFT must run."""
+def _active(layer, kind, variants: bool = False):
+    """The active adapters of this layer, or None when PEFT must run
+    (LoRA variants: DoRA alone, with ``variants``, see ``_dora_forward``)."""
     if layer.disable_adapters or layer.merged:
         return None
     present = _adapter_dict(layer, kind)
     active = [a for a in layer.active_adapters if a in present]
-    if not active or any(a in layer.lora_variant for a in active):
+    if not active:
         return None
+    if any(a in layer.lora_variant for a in active):
+        ok = variants and len(active) == 1 and fused_variant(layer, kind, active[0])
+        return active if ok else None
     return active
 
 
@@ -97,9 +102,11 @@ def _bias(base_bias, terms):
 
 
 def _linear_forward(layer, kind, x):
-    active = _active(layer, kind)
+    active = _active(layer, kind, variants=True)
     if active is None:
         return None
+    if active[0] in layer.lora_variant:
+        return _dora_forward(layer, x, active[0])
     base = layer.base_layer
     weight = base.weight
     autocast = _autocast_on(x)
@@ -121,6 +128,27 @@ def _linear_forward(layer, kind, x):
     for A, B, s, p, _ in terms[1:]:
         y = y + F.linear(F.linear(LF.dropout(x, p), A), B) * s
     return y
+
+
+def _dora_forward(layer, x, adapter):
+    """PEFT's DoRA (``DoraLinearVariant``) on the ``dora_linear`` op, for one
+    active adapter on a plain Linear/Conv1D base: the row norms of W + s·B·A
+    without the out×in sum (‖W_i‖² cached), the dropout mask regenerated,
+    one frozen GEMM with dropout off. Adapters in W's dtype, as the LoRA path."""
+    base = layer.base_layer
+    weight = base.weight
+    autocast = _autocast_on(x)
+    if (not autocast and x.dtype != weight.dtype) or not _plain(weight, base.bias):
+        return None
+    terms = _linear_terms(layer, "linear", [adapter], weight.dtype, cast=not autocast)
+    dora = layer.lora_magnitude_vector[adapter]
+    if terms is None or _has_hooks(dora) or not _plain(dora.weight):
+        return None
+    A, B, s, p, lora_bias = terms[0]
+    magnitude = dora.weight if autocast else dora.weight.to(weight.dtype)
+    fan_in_fan_out = type(base).forward is not nn.Linear.forward  # transformers Conv1D
+    return LF.dora_linear(x, weight, base.bias, A, B, magnitude, s, p, True, fan_in_fan_out,
+                          lora_bias=lora_bias)
 
 
 def _around_forward(layer, kind, x):

@@ -115,8 +115,21 @@ def _sharded_weight(w) -> bool:
 
 def _variant_name(layer, adapter: str) -> str:
     if layer.use_dora.get(adapter, False):
-        return "DoRA (use_dora)"
+        return "DoRA (use_dora) around a base lora_kernels does not compute " \
+               "(quantized, custom or hooked)" if _is_dora(layer, adapter) else "DoRA (use_dora)"
     return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
+
+
+def _is_dora(layer, adapter: str) -> bool:
+    """Whether ``adapter`` is PEFT's DoRA on a Linear (or Conv1D) layer."""
+    from peft.tuners.lora import variants
+    return type(layer.lora_variant.get(adapter)) is variants.DoraLinearVariant
+
+
+def fused_variant(layer, kind: Optional[str], adapter: str) -> bool:
+    """Whether ``adapter``, a PEFT LoRA variant, has a fused forward here:
+    DoRA on a Linear whose base the ``dora_linear`` op computes (it needs W)."""
+    return kind == "linear" and _is_dora(layer, adapter) and _gemm_base(layer.base_layer)
 
 
 def _gemm_base(base: nn.Module) -> bool:
@@ -177,7 +190,8 @@ def _static_reason(layer, kind: Optional[str]) -> Optional[str]:
                                 or getattr(layer, "output_fns", None)):
         return "embedding with tensor parallelism (input_fns/output_fns)"
     adapters = list(_adapter_dict(layer, kind).keys())
-    if adapters and all(a in layer.lora_variant for a in adapters):
+    if adapters and all(a in layer.lora_variant and not fused_variant(layer, kind, a)
+                        for a in adapters):
         return ", ".join(sorted({_variant_name(layer, a) for a in adapters}))
     return None
 

@@ -29,6 +29,11 @@ What runs where, per call (``_FusedForward.__call__``):
   ``lora_bias`` is folded into the base bias (b + s·b_B). AdaLoRA passes
   A⊙(E·scaling/(ranknum + 1e-5)) as A with scaling 1: an r×in product whose
   autograd gives lora_A, lora_E and lora_B their real gradients.
+* DoRA (``use_dora``) on a Linear or Conv1D base, one active adapter: one
+  ``dora_linear`` op (``lora_kernels.dora``): the row norms of W + s·B·A
+  without building it (‖W_i‖² cached on W), PEFT's math, one frozen GEMM
+  with dropout off and two with it on (x and dropout(x)), the mask
+  regenerated; lora_A, lora_B and lora_magnitude_vector get their gradients.
 * Linear and SVDLinear around a base lora_kernels does not compute (a
   quantized layer, a custom module, a base with forward hooks): the base runs
   as its own module, as in PEFT, and one ``lora_delta`` op adds the branch to
@@ -61,7 +66,8 @@ FSDP2 wrapped one by one), and its fused forward sees plain tensors.
 Left to PEFT's own forward, per call: ``adapter_names=`` (mixed batches) or
 any other extra argument, merged layers, disabled adapters, no active adapter
 in the layer (PEFT then runs the base layer alone), an active adapter that is
-a LoRA variant (DoRA, aLoRA, …), AdaLoRA adapters of rank 0, LoRA
+a LoRA variant (aLoRA, …; DoRA when several adapters are active or the base
+is quantized), AdaLoRA adapters of rank 0, LoRA
 sub-modules with forward hooks (or embedding/conv bases with them), global
 module hooks, a dropout module that is not ``nn.Dropout``/``nn.Identity``,
 DTensor inputs or adapters inside forward (tensor parallelism). Never patched
