@@ -3,7 +3,8 @@
 The model is built from a transformers config with random weights (nothing is
 downloaded) and learns a synthetic task: copy a random sequence after a
 separator token. The same PEFT model (LoRA r=8 on q, k, v, o, up, down with
-lora_dropout 0.05; GPT-2: c_attn, c_proj, c_fc) is trained twice from the
+lora_dropout 0.05, ``--targets all`` adds gate; GPT-2: c_attn, c_proj, c_fc;
+``--dora``: DoRA, PEFT's ``use_dora=True``) is trained twice from the
 same start, once as PEFT runs it and once after ``lora_kernels.patch_peft``,
 steps interleaved. Printed per variant: loss, time per step, and memory:
 on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a step; on the
@@ -11,6 +12,7 @@ CPU the bytes autograd holds for backward after one forward (activations).
 
     python python/peft_finetune.py                     # Llama, 40 steps
     python python/peft_finetune.py --model gpt2 --steps 20
+    python python/peft_finetune.py --dora --targets all --hidden 512 --seq 64 --batch 4
     python python/peft_finetune.py --device cuda --dtype bfloat16 --hidden 1024
 """
 import argparse
@@ -34,6 +36,8 @@ def build(args):
             num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=2 * args.seq + 2)
         model = transformers.LlamaForCausalLM(config)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+        if args.targets == "all":
+            targets.insert(4, "gate_proj")
     else:
         config = transformers.GPT2Config(
             vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers,
@@ -162,6 +166,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--dora", action="store_true", help="DoRA adapters (use_dora=True)")
+    ap.add_argument("--targets", choices=("default", "all"), default="default",
+                    help="Llama: all adds gate_proj to q, k, v, o, up, down")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -174,11 +181,12 @@ def main(argv=None):
     base.to(device=device, dtype=getattr(torch, args.dtype))
     peft_model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                  lora_dropout=args.dropout,
-                                                 target_modules=targets))
+                                                 target_modules=targets, use_dora=args.dora))
     init_b(peft_model)
     runs = {"peft": peft_model, "patched": copy.deepcopy(peft_model)}
     report = lora_kernels.patch_peft(runs["patched"], verbose=False)
-    print(f"{args.model}: hidden {args.hidden}, {args.layers} layers, r={args.rank}, "
+    print(f"{args.model}: hidden {args.hidden}, {args.layers} layers, "
+          f"{'DoRA' if args.dora else 'LoRA'} r={args.rank} on {len(targets)} projections, "
           f"dropout {args.dropout}, {args.dtype} on {device}; "
           f"patch_peft fused {len(report.patched)} layers, left {len(report.deferred)} to PEFT")
     return compare(runs, args, device)

@@ -386,3 +386,18 @@ def test_profile_failure_is_one_line(monkeypatch, capsys):
     assert out.rstrip().splitlines()[-1] == ("profile: lora_kernels, tokens 8, dropout 0.05: "
                                              "the profiler failed (RuntimeError: no profiler "
                                              "here)")
+
+
+def test_dora_providers_compute_the_same_layer_and_the_cli_row(capsys):
+    kw = dict(in_features=12, out_features=18, tokens=16, rank=2, dropout=0.0, dtype="float64")
+    cases = bench.make_providers("linear", **kw, providers=bench.PROVIDERS, dora=True)
+    assert cases["loralib"].skip == "loralib has no DoRA"
+    ref = cases["reference"].forward().detach()
+    for name in ("lora_kernels", "peft"):
+        torch.testing.assert_close(cases[name].forward().detach(), ref, msg=name)
+    assert bench.main(TINY + ["--dora", "--tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "lora_linear_in24_out48_dora_r4" in out and "lora_kernels.DoraLinear" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--layer", "embedding", "--dora"])
+    assert "--dora: given with --layer embedding" in capsys.readouterr().err

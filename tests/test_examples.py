@@ -46,6 +46,15 @@ def test_peft_finetune_gpt2_without_dropout_equals_peft():
 
 
 @pytest.mark.skipif(bnb_reason() is not None, reason=str(bnb_reason()))
+def test_peft_finetune_dora_without_dropout_equals_peft_and_holds_less():
+    losses, memory, _ = _load("peft_finetune").main(
+        ["--dora", "--targets", "all", "--steps", "3", "--hidden", "64", "--seq", "8",
+         "--batch", "4", "--dropout", "0"])
+    for a, b in zip(losses["peft"], losses["patched"]):
+        assert abs(a - b) < 1e-4 * abs(b)
+    assert memory["patched"] < memory["peft"]
+
+
 def test_qlora_finetune_fuses_all_and_equals_peft_without_dropout():
     args = ["--steps", "3", "--hidden", "128", "--seq", "8", "--batch", "2"]
     losses, memory, _ = _load("qlora_finetune").main(args + ["--dtype", "float32",

@@ -117,10 +117,10 @@ def conv_geometry(tokens: int, image_size: int = 32):
 
 
 def kernel_name(layer, in_features, out_features, rank, dropout, dtype, enable_lora=(1, 0, 1),
-                kernel_size=3) -> str:
+                kernel_size=3, dora=False) -> str:
     """Shape in the name, as the CSV has no other column for it."""
     dt = str(_dtype(dtype)).replace("torch.", "")
-    extra = ""
+    extra = "_dora" if dora else ""
     if layer == "merged":
         extra = "_e" + "".join("1" if e else "0" for e in parse_enable_lora(enable_lora))
     elif layer == "conv2d":
@@ -178,7 +178,8 @@ def _import(name: str):
 class _Tensors:
     """The weights every provider copies, drawn once from a seeded generator."""
 
-    def __init__(self, layer, in_f, out_f, rank, enable_lora, kernel_size, dtype, device, seed):
+    def __init__(self, layer, in_f, out_f, rank, enable_lora, kernel_size, dtype, device, seed,
+                 scaling=1.0):
         g = torch.Generator().manual_seed(seed)
 
         def rnd(*shape, scale=1.0):
@@ -208,6 +209,11 @@ class _Tensors:
             self.peft_B = rnd(out_f, rank, 1, 1, scale=0.1)
         else:
             raise ValueError(f"layer: got {layer!r}, expected one of {', '.join(LAYERS)}")
+        if layer == "linear":  # DoRA's magnitude: ‖W + s·B·A‖ rows, moved off its start
+            norm = torch.linalg.norm(self.W.double() + scaling * (self.B.double()
+                                                                  @ self.A.double()), dim=1)
+            self.mag = (norm * (1 + 0.1 * torch.rand(out_f, generator=g, dtype=torch.float64))
+                        ).to(dtype)
 
 
 @torch.no_grad()
@@ -220,10 +226,10 @@ def make_providers(layer: str = "linear", in_features: Optional[int] = None,
                    alpha: Optional[float] = None, dropout: float = 0.05, dtype="float32",
                    device="cpu", enable_lora="1,0,1", kernel_size: int = 3,
                    image_size: int = 32, providers: Optional[Sequence[str]] = None,
-                   seed: int = 0) -> Dict[str, Case]:
+                   seed: int = 0, dora: bool = False) -> Dict[str, Case]:
     """One ``Case`` per provider (in ``providers`` order, default
     ``default_providers(device)``); a provider that cannot run has ``skip`` set
-    to the reason and nothing else."""
+    to the reason and nothing else. ``dora``: DoRA layers (linear only)."""
     if providers is None:
         providers = default_providers(device)
     if layer not in LAYERS:
@@ -252,9 +258,11 @@ def make_providers(layer: str = "linear", in_features: Optional[int] = None,
         if out_f % len(enable):
             raise ValueError(f"out_features: got {out_f}, expected a multiple of "
                              f"len(enable_lora)={len(enable)}")
+    if dora and layer != "linear":
+        raise ValueError(f"dora: got True with layer {layer!r}, expected layer 'linear'")
     p = 0.0 if layer == "embedding" else float(dropout)  # loralib's Embedding has no dropout
 
-    T = _Tensors(layer, in_f, out_f, rank, enable, kernel_size, dtype, device, seed)
+    T = _Tensors(layer, in_f, out_f, rank, enable, kernel_size, dtype, device, seed, scaling)
     g = torch.Generator().manual_seed(seed + 1)
     pad = kernel_size // 2
     if layer == "conv2d":
@@ -295,7 +303,8 @@ def make_providers(layer: str = "linear", in_features: Optional[int] = None,
                                   alpha=alpha, scaling=scaling, p=p, enable=enable,
                                   k=kernel_size, pad=pad, device=device, dtype=dtype,
                                   new_x=new_x, grad=grad, n_tokens=n_tokens, seeds=seeds,
-                                  case_for_module=case_for_module, torch_version=torch_version)
+                                  case_for_module=case_for_module, torch_version=torch_version,
+                                  dora=dora)
         except Exception as e:  # a provider that cannot even be built here
             cases[name] = Case(name, "", skip=f"setup failed: {type(e).__name__}: {e}",
                                tokens=n_tokens)
@@ -321,10 +330,18 @@ def _floor(layer, T, in_f, out_f, k, pad, case_for_module, torch_version, **_):
 
 
 def _reference(layer, T, scaling, p, enable, pad, device, new_x, grad, n_tokens, seeds,
-               torch_version, **_):
+               torch_version, dora=False, **_):
     W, b = T.W.clone(), None if T.b is None else T.b.clone()
     A, B = T.A.clone().requires_grad_(True), T.B.clone().requires_grad_(True)
     x = new_x()
+    if dora:
+        mag = T.mag.clone().requires_grad_(True)
+
+        def fwd():
+            return R.dora_linear(x, W, b, A, B, mag, scaling, p, next(seeds))
+        return Case("reference", "reference.dora_linear, plain PyTorch + autograd (unfused)",
+                    fwd, x, grad, [A, B, mag], [W, b, A, B, mag], tokens=n_tokens,
+                    version=torch_version)
     if layer in ("linear", "merged"):
         groups = [i for i, on in enumerate(enable) if on] if layer == "merged" else [0]
         n_groups = len(enable) if layer == "merged" else 1
@@ -358,15 +375,15 @@ def _reference(layer, T, scaling, p, enable, pad, device, new_x, grad, n_tokens,
 
 
 def _lora_kernels(layer, T, in_f, out_f, rank, alpha, p, enable, k, pad, device,
-                  case_for_module, **_):
+                  case_for_module, dora=False, **_):
     import lora_kernels as lk
     version = f"lora_kernels {__version__} ({lora_kernels_backend(device).split()[0]} backend)"
     return _loralib_like(lk, "lora_kernels", layer, T, in_f, out_f, rank, alpha, p, enable, k,
-                         pad, case_for_module, version)
+                         pad, case_for_module, version, dora)
 
 
 def _forced(name, layer, T, in_f, out_f, rank, alpha, p, enable, k, pad, device,
-            case_for_module, **_):
+            case_for_module, dora=False, **_):
     """The lora_kernels layer with backend ``name`` forced for forward and backward."""
     why = backends.reasons(name, device)
     if why:
@@ -377,14 +394,17 @@ def _forced(name, layer, T, in_f, out_f, rank, alpha, p, enable, k, pad, device,
     if name == "triton":
         version += f", triton {_package_version('triton')}"
     case = _loralib_like(lk, name, layer, T, in_f, out_f, rank, alpha, p, enable, k, pad,
-                         case_for_module, version + ")")
+                         case_for_module, version + ")", dora)
     case.description = case.description.replace(f"{name}.", "lora_kernels.", 1) + (
         f", {name} backend forced (forward and backward)")
     case.backend = name
     return case
 
 
-def _loralib(layer, T, in_f, out_f, rank, alpha, p, enable, k, pad, case_for_module, **_):
+def _loralib(layer, T, in_f, out_f, rank, alpha, p, enable, k, pad, case_for_module,
+             dora=False, **_):
+    if dora:
+        return Case("loralib", "", skip="loralib has no DoRA")
     mod, why = _import("loralib")
     if mod is None:
         return Case("loralib", "", skip=why)
@@ -393,9 +413,12 @@ def _loralib(layer, T, in_f, out_f, rank, alpha, p, enable, k, pad, case_for_mod
 
 
 def _loralib_like(lib, name, layer, T, in_f, out_f, rank, alpha, p, enable, k, pad,
-                  case_for_module, version):
+                  case_for_module, version, dora=False):
     """lora_kernels and loralib share constructors and parameter names."""
-    if layer == "linear":
+    if dora:
+        m = lib.DoraLinear(in_f, out_f, r=rank, lora_alpha=alpha, lora_dropout=p)
+        what = f"{name}.DoraLinear"
+    elif layer == "linear":
         m = lib.Linear(in_f, out_f, r=rank, lora_alpha=alpha, lora_dropout=p)
         what = f"{name}.Linear"
     elif layer == "merged":
@@ -417,10 +440,12 @@ def _loralib_like(lib, name, layer, T, in_f, out_f, rank, alpha, p, enable, k, p
         _copy(base.bias, T.b)
     _copy(m.lora_A, T.A)
     _copy(m.lora_B, T.B)
+    if dora:
+        _copy(m.lora_magnitude_vector, T.mag)
     return case
 
 
-def _peft(layer, T, in_f, out_f, rank, alpha, p, k, pad, case_for_module, **_):
+def _peft(layer, T, in_f, out_f, rank, alpha, p, k, pad, case_for_module, dora=False, **_):
     if layer == "merged":
         return Case("peft", "", skip="PEFT has no MergedLinear (per-group LoRA on a fused "
                                      "qkv projection)")
@@ -439,7 +464,8 @@ def _peft(layer, T, in_f, out_f, rank, alpha, p, k, pad, case_for_module, **_):
             super().__init__()
             self.layer = base
 
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=p, target_modules=["layer"])
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=p, target_modules=["layer"],
+                             use_dora=dora)
     model = peft.get_peft_model(Wrapper(), config)
     lora_layer = model.base_model.model.layer  # called directly: no PeftModel overhead
     what = f"{type(lora_layer).__module__}.{type(lora_layer).__name__} (get_peft_model)"
@@ -453,6 +479,9 @@ def _peft(layer, T, in_f, out_f, rank, alpha, p, k, pad, case_for_module, **_):
     elif layer == "linear":
         _copy(lora_layer.lora_A["default"].weight, T.A)
         _copy(lora_layer.lora_B["default"].weight, T.B)
+        if dora:
+            _copy(lora_layer.lora_magnitude_vector["default"].weight, T.mag)
+            case.description += ", use_dora=True"
     else:
         _copy(lora_layer.lora_A["default"].weight, T.peft_A)
         _copy(lora_layer.lora_B["default"].weight, T.peft_B)

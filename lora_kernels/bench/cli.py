@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--enable-lora", default="1,0,1",
                     help="merged only: which output groups get LoRA")
     ap.add_argument("--kernel-size", type=int, default=3, help="conv2d only")
+    ap.add_argument("--dora", action="store_true",
+                    help="DoRA layers (linear only): lora_kernels.DoraLinear, PEFT use_dora=True, "
+                         "reference.dora_linear; loralib has none")
     ap.add_argument("--image-size", type=int, default=32,
                     help="conv2d only: side of the square images")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
@@ -159,14 +162,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         enable = parse_enable_lora(args.enable_lora)
         kernel = kernel_name(args.layer, in_f, out_f, args.rank, p, args.dtype, enable,
-                             args.kernel_size)
+                             args.kernel_size, args.dora)
     except ValueError as e:
         ap.error(str(e))
+    if args.dora and args.layer != "linear":
+        ap.error(f"--dora: given with --layer {args.layer}, expected --layer linear")
     device = torch.device(args.device)
     # make_providers' keywords other than tokens, dropout and providers.
     setup = dict(layer=args.layer, in_features=in_f, out_features=out_f, rank=args.rank,
                  alpha=alpha, dtype=args.dtype, device=device, enable_lora=enable,
-                 kernel_size=args.kernel_size, image_size=args.image_size, seed=args.seed)
+                 kernel_size=args.kernel_size, image_size=args.image_size, seed=args.seed,
+                 dora=args.dora)
     threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -66,7 +66,8 @@ def run_overhead(args, argv: Sequence[str], providers: Sequence[str], setup: dic
     # An embedding has no dropout: one table.
     ps = list(dict.fromkeys(0.0 if args.layer == "embedding" else d for d in args.dropout))
     kernels = {p: kernel_name(args.layer, setup["in_features"], setup["out_features"],
-                              args.rank, p, args.dtype, setup["enable_lora"], args.kernel_size)
+                              args.rank, p, args.dtype, setup["enable_lora"], args.kernel_size,
+                              setup.get("dora", False))
                for p in ps}
     heap = keep_freed_memory() if args.heap == "kept" and not cuda else None
     print(header(f"overhead (host cost per step) of {', '.join(kernels.values())} "
