@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent H100/H200 (no internet): versions, the
 # gpu-marked tests, the CUDA bench (headline Linear 4096, Llama-7B MLP shape,
-# a tokens sweep with a plot), the QLoRA example and merge_/unmerge_ bandwidth.
+# a tokens sweep with a plot), the QLoRA example, the DoRA rows and merge_/unmerge_
+# bandwidth.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # from the repo root
 #
@@ -95,6 +96,15 @@ step sweep 90 "${BENCH[@]}" --in-features 4096 --out-features 4096 \
 # plain against patched: peak memory per step and ms per step.
 step qlora 60 "$PY" python/qlora_finetune.py --device cuda --hidden 2048 --layers 4 \
     --seq 256 --batch 4 --steps 12 2>&1 | tee "$OUT/qlora_cuda.txt" || true
+
+# DoRA: Linear 4096 -> 4096, 2048 tokens, r16, bf16, dropout 0 and 0.05, against
+# PEFT's use_dora=True (loralib has none).
+for p in 0 0.05; do
+    step "dora_p$p" 45 "$PY" -m lora_kernels.bench --device cuda --dtype bfloat16 --dora \
+        --in-features 4096 --out-features 4096 --tokens 2048 --rank 16 --dropout "$p" \
+        --no-progress --providers floor reference triton cuda peft --csv "$OUT/cuda.csv" \
+        2>&1 | tee "$OUT/dora_p$p.txt" || true
+done
 
 # merge_ / unmerge_ on a 4096x4096 bf16 W, r16: GB/s vs one read + write of W.
 step merge 45 "$PY" - <<'EOF' 2>&1 | tee "$OUT/merge.txt" || true

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed
+from . import functional as LF
 from .layers import LoRALayer
 
 # PEFT's init_lora_weights values that only set lora_A / lora_B (others,
@@ -70,11 +71,29 @@ def _reset_peft_layer(name: str, layer, adapter: str, init) -> None:
         distributed.init_full_(mB.weight, nn.init.zeros_)
         if getattr(mB, "bias", None) is not None:
             distributed.init_full_(mB.bias, nn.init.zeros_)
+        dora = getattr(layer, "lora_magnitude_vector", None)
+        if dora is not None and adapter in dora and not isinstance(layer, nn.Embedding):
+            _reset_dora_magnitude(layer, adapter)
     if adapter in layer.lora_embedding_A:
         # PEFT creates both as N(0, 1); its default initialisation then zeroes A.
         A_init = nn.init.normal_ if init is False else nn.init.zeros_
         distributed.init_full_(layer.lora_embedding_A[adapter], A_init)
         distributed.init_full_(layer.lora_embedding_B[adapter], nn.init.normal_)
+
+
+def _reset_dora_magnitude(layer, adapter: str) -> None:
+    """PEFT's DoRA start: magnitude = ‖W + s·B·A‖ per output row (from the
+    whole, loaded W), for a Linear or Conv1D base."""
+    base = layer.get_base_layer()
+    weight = distributed.full(base.weight.detach())
+    if weight.dim() != 2:
+        return  # DoRA on convolutions: PEFT's own initialisation
+    mA, mB = layer.lora_A[adapter], layer.lora_B[adapter]
+    norm = LF.dora_weight_norm(weight, distributed.full(mA.weight.detach()).to(weight.dtype),
+                               distributed.full(mB.weight.detach()).to(weight.dtype),
+                               layer.scaling[adapter], getattr(layer, "fan_in_fan_out", False))
+    magnitude = layer.lora_magnitude_vector[adapter].weight
+    distributed.copy_full_(magnitude, norm.to(magnitude.dtype))
 
 
 def _reset_module(m: nn.Module) -> None:

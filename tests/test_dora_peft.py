@@ -233,3 +233,24 @@ def test_merge_and_unload_gives_peft_merged_logits(tmp_path):
     assert type(q) is torch.nn.Linear and q.weight.data_ptr() == weight.data_ptr()
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(merged(ids).logits, want)
+
+
+def test_reset_lora_parameters_restarts_dora_magnitudes():
+    """After meta-device construction and loading W, fresh DoRA adapters start
+    as PEFT's do: m = ‖W‖ per row, the model computes the base model."""
+    base = _llama(layers=1)
+    ids = torch.randint(0, 64, (2, 7))
+    want = base(ids).logits
+    model = _peft_dora(copy.deepcopy(base))
+    ours = copy.deepcopy(base)
+    lk.inject(ours, PROJ, r=4, use_dora=True)
+    for m in (model, ours):
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_" in name:
+                    p.normal_()
+        assert lk.reset_lora_parameters(m) == 7
+        torch.testing.assert_close(m(ids).logits, want)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q.lora_magnitude_vector["default"].weight,
+                               torch.linalg.norm(q.base_layer.weight, dim=1))
