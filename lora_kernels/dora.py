@@ -68,10 +68,8 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tenso
     acc = _acc(weight.dtype)
     with torch.no_grad():
         a, b = lora_A.to(acc), lora_B.to(acc)
-        if fan_in_fan_out:  # W (in, out): W·Aᵀ = (A·W)ᵀ
-            wa = (lora_A.to(weight.dtype) @ weight).t().to(acc)
-        else:
-            wa = (weight @ lora_A.to(weight.dtype).t()).to(acc)
+        a_w = lora_A.to(weight.dtype)   # W·Aᵀ as (A·Wᵀ)ᵀ: r rows of output (BLAS is
+        wa = (a_w @ weight if fan_in_fan_out else F.linear(a_w, weight)).t().to(acc)  # faster)
         if lora_bias is not None:
             ones = a.new_ones(1, a.shape[1])
             row_sums = weight.sum(0 if fan_in_fan_out else 1, dtype=acc)
@@ -114,36 +112,39 @@ def _empty(t: Tensor) -> Tensor:
 def linear_bwd(backend, grad, x, weight, lora_A, lora_B, mag, s, z, seed, scaling, dropout_p,
                fan_in_fan_out, output_mask):
     """(dx, dweight, dbias, dA, dB, dmag), an empty tensor for each output not
-    asked for (``output_mask``: six flags in that order)."""
+    asked for (``output_mask``: six flags in that order). The rank-r work
+    (dS = s·gm·B, dA, dB, D ⊙ dS·A) runs in the backend's fused low-rank
+    backward (``lora_linear_bwd``, ``lora_delta_bwd``): skinny GEMMs through
+    torch would cost a pass over a tokens×out tensor each."""
     want_x, want_w, want_b, want_a, want_bb, want_m = output_mask
-    gm = grad * mag
+    tmp = None
     dmag = _empty(mag)
     if want_m:
-        dmag = (grad * z).sum(0, dtype=_acc(grad.dtype)).to(mag.dtype)
+        tmp = torch.mul(grad, z)
+        dmag = tmp.sum(0, dtype=_acc(grad.dtype)).to(mag.dtype)
     dbias = grad.sum(0) if want_b else _empty(grad)
+    if not any((want_x, want_w, want_a, want_bb)):
+        return _empty(grad), _empty(weight), dbias, _empty(lora_A), _empty(lora_B), dmag
+    gm = grad * mag if tmp is None else torch.mul(grad, mag, out=tmp)
     if dropout_p == 0.0:
-        if any((want_x, want_w, want_a, want_bb)):
-            dx, dw, _, da, db = backend.lora_linear_bwd(
-                gm, x, weight, lora_A, lora_B, s, seed, scaling, 0.0, fan_in_fan_out, 1, [0],
-                [want_x, want_w, False, want_a, want_bb])
-        else:
-            dx, dw, da, db = _empty(grad), _empty(weight), _empty(lora_A), _empty(lora_B)
+        dx, dw, _, da, db = backend.lora_linear_bwd(
+            gm, x, weight, lora_A, lora_B, s, seed, scaling, 0.0, fan_in_fan_out, 1, [0],
+            [want_x, want_w, False, want_a, want_bb])
         return dx, dw, dbias, da, db, dmag
+    # Dropout on: the branch's dx term D ⊙ (s·gm·B·A), dA and dB from gm; the
+    # frozen terms g·W + D ⊙ (h·W) with h = gm − g, the gradient of x̂·Wᵀ.
+    dx_low, da, db = backend.lora_delta_bwd(gm, x if want_a else x.new_empty(0), lora_A,
+                                            lora_B, s, seed, scaling, dropout_p, 1, [0],
+                                            [want_x, want_a, want_bb])
+    h = gm.sub_(grad)
     w = _frozen_t(weight, fan_in_fan_out)                          # (out, in)
-    ds = (gm @ lora_B.to(gm.dtype)).mul_(scaling)                # dS = s·gm·B, tokens×r
-    dx = dw = da = db = None
-    xd = backend.dropout(x.contiguous(), seed, dropout_p) if (want_a or want_w) else None
+    dx = dw = None
     if want_x:
-        t = (gm - grad) @ w
-        t.addmm_(ds, lora_A.to(t.dtype))
-        dx = backend.dropout(t, seed, dropout_p).addmm_(grad, w)
+        dx = backend.dropout(h @ w, seed, dropout_p)
+        dx.add_(dx_low).addmm_(grad, w)
     if want_w:
         dw = grad.t() @ x
-        dw.addmm_((gm - grad).t(), xd)
+        dw.addmm_(h.t(), backend.dropout(x.contiguous(), seed, dropout_p))
         dw = dw.t() if fan_in_fan_out else dw
-    if want_a:
-        da = (ds.t() @ xd.to(ds.dtype)).to(lora_A.dtype)
-    if want_bb:
-        db = ((gm.t() @ s.to(gm.dtype)) * scaling).to(lora_B.dtype)
     return (_empty(grad) if dx is None else dx, _empty(weight) if dw is None else dw, dbias,
-            _empty(lora_A) if da is None else da, _empty(lora_B) if db is None else db, dmag)
+            da, db, dmag)
