@@ -76,9 +76,9 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tenso
             a = torch.cat([a, ones])
             b = torch.cat([b, lora_bias.to(acc)[:, None]], dim=1)
             wa = torch.cat([wa, row_sums[:, None]], dim=1)
-        cross = (wa * b).sum(1)
-        quad = ((b @ (a @ a.t())) * b).sum(1)
-        sq = weight_sq.to(acc) + (2.0 * scaling) * cross + (scaling * scaling) * quad
+        # ‖W_i‖² + B_i·(2s·(W·Aᵀ)_i + s²·(A·Aᵀ)·B_iᵀ), B_i's product in one vecdot
+        p = torch.addmm(wa, b, a @ a.t(), beta=2.0 * scaling, alpha=scaling * scaling)
+        sq = torch.linalg.vecdot(p, b).add_(weight_sq)
         return sq.clamp_min_(0).sqrt_()
 
 

@@ -254,3 +254,31 @@ def test_reset_lora_parameters_restarts_dora_magnitudes():
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(q.lora_magnitude_vector["default"].weight,
                                torch.linalg.norm(q.base_layer.weight, dim=1))
+
+
+def test_patch_peft_dora_bf16_model_with_fp32_adapters():
+    """A bf16 model with PEFT's fp32 adapters: the branch runs in bf16 (the
+    adapters cast, never x); gradients match PEFT's to bf16 precision."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).to(torch.bfloat16),
+                                peft.LoraConfig(r=8, lora_alpha=16, use_dora=True,
+                                                target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    patched = copy.deepcopy(model)
+    assert len(lk.patch_peft(patched).patched) == 3
+    ids = torch.randint(0, 64, (2, 9))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    loss_p = patched(ids, labels=ids).loss
+    loss_p.backward()
+    torch.testing.assert_close(loss_p, loss, rtol=1e-2, atol=1e-2)
+    want, got = _grads(model), _grads(patched)
+    for name in want:
+        assert got[name].dtype == torch.float32
+        assert (got[name] - want[name]).norm() <= 3e-2 * want[name].norm(), name
