@@ -131,20 +131,26 @@ def linear_bwd(backend, grad, x, weight, lora_A, lora_B, mag, s, z, seed, scalin
             gm, x, weight, lora_A, lora_B, s, seed, scaling, 0.0, fan_in_fan_out, 1, [0],
             [want_x, want_w, False, want_a, want_bb])
         return dx, dw, dbias, da, db, dmag
-    # Dropout on: the branch's dx term D ⊙ (s·gm·B·A), dA and dB from gm; the
-    # frozen terms g·W + D ⊙ (h·W) with h = gm − g, the gradient of x̂·Wᵀ.
-    dx_low, da, db = backend.lora_delta_bwd(gm, x if want_a else x.new_empty(0), lora_A,
-                                            lora_B, s, seed, scaling, dropout_p, 1, [0],
-                                            [want_x, want_a, want_bb])
+    # Dropout on: dx = g·W + D ⊙ (h·W + s·gm·B·A) with h = gm − g (the gradient
+    # of x̂·Wᵀ), dA = s·(gm·B)ᵀ·x̂, dB = s·gmᵀ·S. The mask D (tokens×in, a
+    # temporary) is generated once and serves both dx and x̂; the rank-r
+    # products run in the backend's fused low-rank backward without dropout,
+    # on x̂.
+    need_mask = want_x or want_a or want_w
+    mask = backend.dropout(grad.new_ones(grad.shape[0], lora_A.shape[1]), seed,
+                           dropout_p) if need_mask else None
+    xd = x * mask if (want_a or want_w) else x.new_empty(0)
+    dx_low, da, db = backend.lora_delta_bwd(gm, xd, lora_A, lora_B, s, seed, scaling, 0.0, 1,
+                                            [0], [want_x, want_a, want_bb])
     h = gm.sub_(grad)
     w = _frozen_t(weight, fan_in_fan_out)                          # (out, in)
     dx = dw = None
     if want_x:
-        dx = backend.dropout(h @ w, seed, dropout_p)
-        dx.add_(dx_low).addmm_(grad, w)
+        dx = torch.mm(h, w)
+        dx.add_(dx_low).mul_(mask).addmm_(grad, w)
     if want_w:
         dw = grad.t() @ x
-        dw.addmm_(h.t(), backend.dropout(x.contiguous(), seed, dropout_p))
+        dw.addmm_(h.t(), xd)
         dw = dw.t() if fan_in_fan_out else dw
     return (_empty(grad) if dx is None else dx, _empty(weight) if dw is None else dw, dbias,
             da, db, dmag)
