@@ -25,7 +25,9 @@ Backward, with ``g`` the output gradient, ``gm = g ⊙ m`` and D the mask:
 
 * dropout off: ``(dx, dW, dA, dB) = lora_linear_bwd(gm)``: y is m ⊙ a LoRA layer;
 * dropout on: ``dx = g·W + D ⊙ ((gm − g)·W + s·(gm·B)·A)``, ``dA = s·(gm·B)ᵀ·x̂``,
-  ``dB = s·gmᵀ·S``, ``dW = gᵀ·x + (gm − g)ᵀ·x̂``;
+  ``dB = s·gmᵀ·S``, ``dW = gᵀ·x + (gm − g)ᵀ·x̂``: two frozen GEMMs; D is
+  generated once (a tokens×in temporary) for dx and x̂, and the rank-r
+  products run in the backend's fused ``lora_delta_bwd`` on x̂;
 * ``dm = Σ_tokens g ⊙ z``; ``dbias = Σ_tokens g``.
 
 The row norms never build W + s·B·A (out×in):
