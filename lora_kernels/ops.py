@@ -163,17 +163,20 @@ def _linear_bwd_impl(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_
         num_groups, groups, output_mask)
 
 
-def _linear_bwd_fake(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p,
-                     fan_in_fan_out, num_groups, groups, output_mask):
-    tokens = grad.shape[0]
+def _linear_grads_fake(grad, weight, lora_A, lora_B, fan_in_fan_out, wants):
+    """(dx, dweight, dbias, dA, dB) of a linear layer's backward, empty where not wanted."""
     in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
-    wants = list(output_mask)
-    dx = grad.new_empty(tokens, in_features) if wants[0] else _empty(grad)
+    dx = grad.new_empty(grad.shape[0], in_features) if wants[0] else _empty(grad)
     dw = weight.new_empty(weight.shape) if wants[1] else _empty(weight)
     db = grad.new_empty(grad.shape[1]) if wants[2] else _empty(grad)
     da = lora_A.new_empty(lora_A.shape) if wants[3] else _empty(lora_A)
     dB = lora_B.new_empty(lora_B.shape) if wants[4] else _empty(lora_B)
     return dx, dw, db, da, dB
+
+
+def _linear_bwd_fake(grad, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p,
+                     fan_in_fan_out, num_groups, groups, output_mask):
+    return _linear_grads_fake(grad, weight, lora_A, lora_B, fan_in_fan_out, list(output_mask))
 
 
 lora_linear_bwd = _define(
@@ -363,16 +366,9 @@ def _dora_bwd_impl(grad, x, weight, lora_A, lora_B, mag, s, z, seed, scaling, dr
 
 def _dora_bwd_fake(grad, x, weight, lora_A, lora_B, mag, s, z, seed, scaling, dropout_p,
                    fan_in_fan_out, output_mask):
-    tokens = grad.shape[0]
-    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     wants = list(output_mask)
-    dx = grad.new_empty(tokens, in_features) if wants[0] else _empty(grad)
-    dw = weight.new_empty(weight.shape) if wants[1] else _empty(weight)
-    db = grad.new_empty(grad.shape[1]) if wants[2] else _empty(grad)
-    da = lora_A.new_empty(lora_A.shape) if wants[3] else _empty(lora_A)
-    dB = lora_B.new_empty(lora_B.shape) if wants[4] else _empty(lora_B)
     dm = mag.new_empty(mag.shape) if wants[5] else _empty(mag)
-    return dx, dw, db, da, dB, dm
+    return _linear_grads_fake(grad, weight, lora_A, lora_B, fan_in_fan_out, wants) + (dm,)
 
 
 dora_linear_bwd = _define(

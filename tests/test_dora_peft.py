@@ -22,17 +22,21 @@ def _llama(dtype=torch.float32, layers=2):
     return transformers.LlamaForCausalLM(cfg).to(dtype)
 
 
-def _peft_dora(base, dropout=0.0, **kw):
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJ, use_dora=True,
-                             lora_dropout=dropout, **kw)
-    model = peft.get_peft_model(base, config)
-    with torch.no_grad():   # B ≠ 0 and m ≠ ‖W‖: every term of DoRA is exercised
+def _perturb(model, magnitude=True):
+    """B ≠ 0 and m ≠ ‖W‖: every term of DoRA is exercised."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-            if "lora_magnitude_vector" in name:
+            if magnitude and "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.1 * torch.rand_like(p))
     return model
+
+
+def _peft_dora(base, dropout=0.0, **kw):
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJ, use_dora=True,
+                             lora_dropout=dropout, **kw)
+    return _perturb(peft.get_peft_model(base, config))
 
 
 def _grads(model):
@@ -143,11 +147,7 @@ def test_patch_peft_dora_gpt2_conv1d():
     base = transformers.GPT2LMHeadModel(cfg)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
                              use_dora=True, fan_in_fan_out=True)
-    model = peft.get_peft_model(base, config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model = _perturb(peft.get_peft_model(base, config), magnitude=False)
     patched = copy.deepcopy(model)
     assert len(lk.patch_peft(patched).patched) == 2
     ids = torch.randint(0, 50, (2, 7))
@@ -263,13 +263,10 @@ def test_patch_peft_dora_bf16_model_with_fp32_adapters():
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=1, num_attention_heads=2,
                                    num_key_value_heads=2)
-    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).to(torch.bfloat16),
-                                peft.LoraConfig(r=8, lora_alpha=16, use_dora=True,
-                                                target_modules=["q_proj", "v_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model = _perturb(peft.get_peft_model(
+        transformers.LlamaForCausalLM(cfg).to(torch.bfloat16),
+        peft.LoraConfig(r=8, lora_alpha=16, use_dora=True,
+                        target_modules=["q_proj", "v_proj", "down_proj"])), magnitude=False)
     patched = copy.deepcopy(model)
     assert len(lk.patch_peft(patched).patched) == 3
     ids = torch.randint(0, 64, (2, 9))
