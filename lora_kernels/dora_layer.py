@@ -66,7 +66,7 @@ class DoraLinear(Linear):
 
     def _apply_delta(self, sign: int) -> None:
         distributed.reshard_for_update(self)
-        w = self.weight.data
+        w = self.weight.detach()  # not .data: W's version counter must see the change
         with torch.no_grad():
             if sign > 0:
                 self._merged_norm = self.weight_norm()

@@ -223,7 +223,9 @@ _ROW_SQ = WeakIdKeyDictionary()
 
 
 def weight_row_sq(weight: Tensor, fan_in_fan_out: bool = False) -> Tensor:
-    """‖W_i‖² per output row, cached on W (keyed on its version counter)."""
+    """‖W_i‖² per output row, cached on W (keyed on its version counter and
+    storage: an in-place change made through ``W.data``, which has a version
+    counter of its own, is not seen; change W itself under ``torch.no_grad()``)."""
     if torch.compiler.is_compiling() or distributed.is_dtensor(weight):
         return dora.weight_row_sq(weight, fan_in_fan_out)
     key = (weight._version, weight.data_ptr(), bool(fan_in_fan_out))

@@ -279,3 +279,24 @@ def test_patch_peft_dora_bf16_model_with_fp32_adapters():
     for name in want:
         assert got[name].dtype == torch.float32
         assert (got[name] - want[name]).norm() <= 3e-2 * want[name].norm(), name
+
+
+def test_dora_linear_merge_is_seen_by_the_row_norm_cache():
+    """eval() merges into W in place, train() takes it out: the cached ‖W_i‖²
+    follows W's version counter, so the next forward uses W's own norms."""
+    torch.manual_seed(0)
+    layer = lk.DoraLinear(12, 10, r=2, lora_alpha=4).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    y = layer(x)
+    version = layer.weight._version
+    layer.eval()
+    layer.train()
+    assert layer.weight._version > version
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    torch.testing.assert_close(layer(x), R.dora_linear(
+        x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector,
+        layer.scaling))
+    assert not torch.allclose(layer(x), y)
