@@ -36,7 +36,7 @@ def build(args):
             num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=2 * args.seq + 2)
         model = transformers.LlamaForCausalLM(config)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-        if args.targets == "all":
+        if getattr(args, "targets", "default") == "all":
             targets.insert(4, "gate_proj")
     else:
         config = transformers.GPT2Config(
