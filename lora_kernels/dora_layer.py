@@ -60,25 +60,33 @@ class DoraLinear(Linear):
 
     def _row_scale(self, norm: torch.Tensor) -> torch.Tensor:
         """m / ‖W + s·B·A‖ shaped to scale W's rows in W's layout."""
-        m = (self.lora_magnitude_vector.detach() / norm.to(self.lora_magnitude_vector.dtype))
+        magnitude = distributed.full(self.lora_magnitude_vector.detach())
+        m = magnitude / norm.to(magnitude.dtype)
         m = m.to(self.weight.dtype)
         return m[None, :] if self.fan_in_fan_out else m[:, None]
 
     def _apply_delta(self, sign: int) -> None:
-        distributed.reshard_for_update(self)
+        distributed.reshard_for_update(self)  # FSDP2: merge into the shards
         w = self.weight.detach()  # not .data: W's version counter must see the change
         with torch.no_grad():
             if sign > 0:
                 self._merged_norm = self.weight_norm()
                 LF.merge_(w, *self._lora_pair(), self.scaling, self.fan_in_fan_out)
-                w.mul_(self._row_scale(self._merged_norm))
+                self._scale_rows_(w, self._row_scale(self._merged_norm))
             else:
-                w.div_(self._row_scale(self._merged_norm))
+                self._scale_rows_(w, 1.0 / self._row_scale(self._merged_norm))
                 LF.unmerge_(w, *self._lora_pair(), self.scaling, self.fan_in_fan_out)
                 self._merged_norm = None
 
+    @staticmethod
+    def _scale_rows_(w: torch.Tensor, scale: torch.Tensor) -> None:
+        """W ⊙= scale in place; a sharded (DTensor) W scales its own block."""
+        local, offset = distributed.local_block(w)
+        local.mul_(scale[tuple(slice(o, o + n) if k > 1 else slice(None)
+                               for o, n, k in zip(offset, local.shape, scale.shape))])
+
     def _unmerge_copy(self, w: torch.Tensor) -> None:
-        w.div_(self._row_scale(self._merged_norm))
+        self._scale_rows_(w, 1.0 / self._row_scale(self._merged_norm))
         LF.unmerge_(w, *self._lora_pair(), self.scaling, self.fan_in_fan_out)
 
     def forward(self, x: torch.Tensor):

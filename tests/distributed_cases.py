@@ -92,23 +92,25 @@ VOCAB, DIM = 13, 10
 
 
 class Block(nn.Module):
-    def __init__(self, fan_in_fan_out: bool, p: float):
+    def __init__(self, fan_in_fan_out: bool, p: float, dora: bool = False):
         super().__init__()
         self.qkv = lk.MergedLinear(DIM, 3 * DIM, r=2, lora_alpha=4, lora_dropout=p,
                                    enable_lora=[True, False, True],
                                    fan_in_fan_out=fan_in_fan_out)
-        self.out = lk.Linear(3 * DIM, DIM, r=3, lora_alpha=3, lora_dropout=p)
+        self.out = (lk.DoraLinear if dora else lk.Linear)(3 * DIM, DIM, r=3, lora_alpha=3,
+                                                          lora_dropout=p)
 
     def forward(self, h):
         return h + self.out(torch.tanh(self.qkv(h)))
 
 
 class Net(nn.Module):
-    def __init__(self, p: float = 0.0, checkpointed: bool = False):
+    def __init__(self, p: float = 0.0, checkpointed: bool = False, dora: bool = False):
         super().__init__()
         self.emb = lk.Embedding(VOCAB, DIM, r=2)
-        self.blocks = nn.ModuleList([Block(False, p), Block(True, p)])
-        self.head = lk.Linear(DIM, VOCAB, r=2, fan_in_fan_out=True, lora_dropout=p)
+        self.blocks = nn.ModuleList([Block(False, p, dora), Block(True, p, dora)])
+        self.head = (lk.DoraLinear if dora else lk.Linear)(DIM, VOCAB, r=2, fan_in_fan_out=True,
+                                                          lora_dropout=p)
         self.checkpointed = checkpointed
 
     def forward(self, idx):
@@ -215,6 +217,23 @@ def layers_eval_merges_and_train_unmerges():
     shard(net, net.blocks)
     _trained(net)
     _eval_train_round_trip(net, _reference_of(net), dict(atol=1e-5, rtol=1e-5))
+
+
+@case
+def dora_gradients_and_eval_round_trip():
+    """DoraLinear layers (one in each block, the root's fan_in_fan_out head):
+    gradients equal the unsharded model's, eval() merges W ← m/‖W + s·B·A‖ ⊙
+    (W + s·B·A) on the shards and train() takes it out again."""
+    net = make_net(dora=True)
+    ref = copy.deepcopy(net)
+    shard(net, net.blocks)
+    idx = tokens()
+    net_loss(net, my_half(idx)).backward()
+    net_loss(ref, idx).backward()
+    compare(full_grads(net), full_grads(ref), "gradient", atol=1e-6)
+    net.zero_grad()
+    _trained(net)
+    _eval_train_round_trip(net, _reference_of(net, dora=True), dict(atol=1e-5, rtol=1e-5))
 
 
 @case

@@ -6,7 +6,7 @@ reports one case on both ranks:
 
 * gradients of a sharded model equal a single-process run on the whole batch
   (lora_kernels layers; PEFT patched before and after ``fully_shard``);
-* ``model.eval()`` merges on the shards (outputs equal the unsharded model's)
+* ``model.eval()`` merges on the shards (outputs equal the unsharded model's; DoraLinear too)
   and ``model.train()`` unmerges (weights back to the originals), also with
   the root left unsharded after a forward and with reshard_after_forward off;
 * MixedPrecisionPolicy (bf16 parameters, fp32 reduce), activation
