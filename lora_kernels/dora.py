@@ -70,8 +70,9 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tenso
     acc = _acc(weight.dtype)
     with torch.no_grad():
         a, b = lora_A.to(acc), lora_B.to(acc)
-        a_w = lora_A.to(weight.dtype)   # W·Aᵀ as (A·Wᵀ)ᵀ: r rows of output (BLAS is
-        wa = (a_w @ weight if fan_in_fan_out else F.linear(a_w, weight)).t().to(acc)  # faster)
+        # W·Aᵀ taken as (A·Wᵀ)ᵀ: BLAS is faster with r rows of output than r columns.
+        a_w = lora_A.to(weight.dtype)
+        wa = (a_w @ weight if fan_in_fan_out else F.linear(a_w, weight)).t().to(acc)
         if lora_bias is not None:
             ones = a.new_ones(1, a.shape[1])
             row_sums = weight.sum(0 if fan_in_fan_out else 1, dtype=acc)
