@@ -74,8 +74,7 @@ class DoraLinear(Linear):
                 LF.merge_(w, *self._lora_pair(), self.scaling, self.fan_in_fan_out)
                 self._scale_rows_(w, self._row_scale(self._merged_norm))
             else:
-                self._scale_rows_(w, 1.0 / self._row_scale(self._merged_norm))
-                LF.unmerge_(w, *self._lora_pair(), self.scaling, self.fan_in_fan_out)
+                self._unmerge_copy(w)
                 self._merged_norm = None
 
     @staticmethod
@@ -86,6 +85,8 @@ class DoraLinear(Linear):
                                for o, n, k in zip(offset, local.shape, scale.shape))])
 
     def _unmerge_copy(self, w: torch.Tensor) -> None:
+        """In place: merged W (or a copy of it) back to W alone, with the norm
+        kept at the merge."""
         self._scale_rows_(w, 1.0 / self._row_scale(self._merged_norm))
         LF.unmerge_(w, *self._lora_pair(), self.scaling, self.fan_in_fan_out)
 

@@ -250,10 +250,9 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
 def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                 lora_B: Tensor, magnitude: Tensor, scaling: float, dropout_p: float = 0.0,
                 training: bool = True, fan_in_fan_out: bool = False,
-                lora_bias: Optional[Tensor] = None,
-                weight_norm: Optional[Tensor] = None) -> Tensor:
+                lora_bias: Optional[Tensor] = None) -> Tensor:
     """DoRA, PEFT's math: with x̂ = dropout(x) and m = magnitude / ‖W + s·ΔW‖
-    (rows, detached; ``weight_norm`` if given, else computed here),
+    (rows, detached; ``dora_weight_norm``),
 
         y = x·Wᵀ + bias + (m − 1)·(x̂·Wᵀ) + m·s·(x̂·Aᵀ·Bᵀ + lora_bias)
 
@@ -272,16 +271,14 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
         _fail("lora_A.shape", tuple(lora_A.shape), f"(r, {in_f})")
     if lora_B.shape != (out_f, r):
         _fail("lora_B.shape", tuple(lora_B.shape), (out_f, r))
-    for name, t in (("bias", bias), ("magnitude", magnitude), ("lora_bias", lora_bias),
-                    ("weight_norm", weight_norm)):
+    for name, t in (("bias", bias), ("magnitude", magnitude), ("lora_bias", lora_bias)):
         if t is not None and t.shape != (out_f,):
             _fail(f"{name}.shape", tuple(t.shape), (out_f,))
     _check_same(x, [("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
                     ("magnitude", magnitude), ("lora_bias", lora_bias)])
-    if weight_norm is None:
-        weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, lora_bias)
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, lora_bias)
     # m in x's dtype, the norm rounded to it first, as PEFT does.
-    mag = magnitude / weight_norm.detach().to(x.dtype)
+    mag = magnitude / norm.to(x.dtype)
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0 else _no_seed(x)
     weight, fan_in_fan_out = _standard_layout(weight, fan_in_fan_out)

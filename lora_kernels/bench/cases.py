@@ -179,7 +179,7 @@ class _Tensors:
     """The weights every provider copies, drawn once from a seeded generator."""
 
     def __init__(self, layer, in_f, out_f, rank, enable_lora, kernel_size, dtype, device, seed,
-                 scaling=1.0):
+                 scaling=1.0, dora=False):
         g = torch.Generator().manual_seed(seed)
 
         def rnd(*shape, scale=1.0):
@@ -209,11 +209,11 @@ class _Tensors:
             self.peft_B = rnd(out_f, rank, 1, 1, scale=0.1)
         else:
             raise ValueError(f"layer: got {layer!r}, expected one of {', '.join(LAYERS)}")
-        if layer == "linear":  # DoRA's magnitude: ‖W + s·B·A‖ rows, moved off its start
-            norm = torch.linalg.norm(self.W.double() + scaling * (self.B.double()
-                                                                  @ self.A.double()), dim=1)
+        if dora:  # DoRA's magnitude: ‖W + s·B·A‖ rows, moved off its start
+            norm = R.dora_weight_norm(self.W.double(), self.A.double(), self.B.double(),
+                                      scaling)
             self.mag = (norm * (1 + 0.1 * torch.rand(out_f, generator=g, dtype=torch.float64))
-                        ).to(dtype)
+                        .to(norm.device)).to(dtype)
 
 
 @torch.no_grad()
@@ -262,7 +262,8 @@ def make_providers(layer: str = "linear", in_features: Optional[int] = None,
         raise ValueError(f"dora: got True with layer {layer!r}, expected layer 'linear'")
     p = 0.0 if layer == "embedding" else float(dropout)  # loralib's Embedding has no dropout
 
-    T = _Tensors(layer, in_f, out_f, rank, enable, kernel_size, dtype, device, seed, scaling)
+    T = _Tensors(layer, in_f, out_f, rank, enable, kernel_size, dtype, device, seed, scaling,
+                 dora)
     g = torch.Generator().manual_seed(seed + 1)
     pad = kernel_size // 2
     if layer == "conv2d":
