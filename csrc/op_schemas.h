@@ -4,9 +4,10 @@
 // layers call. Each op's kernels are registered in the files named after it:
 // the CPU kernel in csrc/cpu/<op>.cpp, the CUDA kernel in csrc/cuda/<op>.cpp,
 // the autograd (and the user-facing composites) in csrc/<op>.cpp; the
-// dispatcher picks the kernel from the tensors' device. merge_, unmerge_ and
-// merged_weight, which run once per train()/eval() switch rather than per
-// step, are defined in Python (lora_kernels/ops.py).
+// dispatcher picks the kernel from the tensors' device. DoRA's ops
+// (csrc/dora_linear.cpp) are composed from those kernels, on every device.
+// merge_, unmerge_ and merged_weight, which run once per train()/eval()
+// switch rather than per step, are defined in Python (lora_kernels/ops.py).
 //
 // define_backend_ops: the same kernels as one backend's library
 // (lora_kernels_cpu, lora_kernels_cuda), which the Python backend registry
@@ -65,6 +66,21 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "lora_delta(Tensor x, Tensor base, Tensor lora_A, Tensor lora_B, float scaling, "
       "float dropout_p, bool training, int num_groups, int[] groups) -> Tensor");
+  // DoRA (csrc/dora_linear.cpp): composed from the kernels above, for every
+  // device (no kernel of its own), with its autograd and the user-facing op.
+  m.def(
+      "dora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor mag, Tensor seed, float scaling, float dropout_p, bool fan_in_fan_out) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "dora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor mag, Tensor s, Tensor z, Tensor seed, float scaling, float dropout_p, "
+      "bool fan_in_fan_out, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+  m.def(
+      "dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, Tensor weight_sq, float scaling, float dropout_p, bool training, "
+      "bool fan_in_fan_out, Tensor? lora_bias) -> Tensor");
 }
 
 inline void define_backend_ops(torch::Library& m) {

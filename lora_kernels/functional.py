@@ -11,13 +11,13 @@ dropout, so ``torch.manual_seed`` makes runs repeatable and activation
 checkpointing's recompute (which restores the RNG state) regenerates the same
 mask. Under ``torch.autocast`` the operands are cast to the autocast dtype.
 
-With the compiled extension, ``lora_linear``/``lora_grouped_linear`` and
-``lora_embedding`` are one call of the C++ composite ops
-``torch.ops.lora_kernels.lora_linear``/``lora_embedding``
-(``csrc/lora_linear.cpp``, ``csrc/lora_embedding.cpp``), which do all of the
-above. ``_linear_composite``/``_embedding_composite`` below are the same in
-Python: they run without the extension, and when a backend is asked for by
-name (the ops' Python routes, ``lora_kernels.routes``).
+With the compiled extension, ``lora_linear``/``lora_grouped_linear``,
+``lora_embedding``, ``lora_delta`` and ``dora_linear`` are one call of the
+C++ composite ops ``torch.ops.lora_kernels.lora_linear`` (and so on;
+``csrc/<op>.cpp``), which do all of the above. ``_linear_composite`` and its
+siblings below are the same in Python: they run without the extension, and
+when a backend is asked for by name (the ops' Python routes,
+``lora_kernels.routes``).
 """
 from __future__ import annotations
 
@@ -259,8 +259,25 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     ``lora_bias`` is PEFT's ``lora_B.bias`` (``lora_bias=True``), ΔW = B·A + b_B·1ᵀ.
     Differentiable in x, A, B, magnitude, lora_bias (and W, bias)."""
     dropout_p = check_dropout(dropout_p)
+    if weight.dim() != 2:
+        _fail("weight.dim()", weight.dim(), 2)
+    weight_sq = weight_row_sq(weight, fan_in_fan_out)
+    args = (x, weight, bias, lora_A, lora_B, magnitude, weight_sq, float(scaling), dropout_p,
+            bool(training), bool(fan_in_fan_out), lora_bias)
+    if ops.NATIVE:
+        return _lk.dora_linear(*args)
+    return _dora_composite(_lk.dora_linear_fwd, *args)
+
+
+def _dora_composite(fwd, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                    lora_B: Tensor, magnitude: Tensor, weight_sq: Tensor, scaling: float,
+                    dropout_p: float, training: bool, fan_in_fan_out: bool,
+                    lora_bias: Optional[Tensor]) -> Tensor:
+    """The dora_linear op in Python, with ``fwd`` as dora_linear_fwd and
+    ``weight_sq`` = ‖W_i‖² (``weight_row_sq``)."""
     x, weight, bias, lora_A, lora_B, magnitude, lora_bias = _autocast(
         x, weight, bias, lora_A, lora_B, magnitude, lora_bias)
+    check_dropout(dropout_p)
     if weight.dim() != 2:
         _fail("weight.dim()", weight.dim(), 2)
     out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
@@ -271,21 +288,25 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
         _fail("lora_A.shape", tuple(lora_A.shape), f"(r, {in_f})")
     if lora_B.shape != (out_f, r):
         _fail("lora_B.shape", tuple(lora_B.shape), (out_f, r))
-    for name, t in (("bias", bias), ("magnitude", magnitude), ("lora_bias", lora_bias)):
+    for name, t in (("bias", bias), ("magnitude", magnitude), ("lora_bias", lora_bias),
+                    ("weight_sq", weight_sq)):
         if t is not None and t.shape != (out_f,):
             _fail(f"{name}.shape", tuple(t.shape), (out_f,))
     _check_same(x, [("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
                     ("magnitude", magnitude), ("lora_bias", lora_bias)])
-    norm = dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, lora_bias)
+    acc = dora.acc_dtype(weight.dtype)
+    norm = dora.weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(),
+                            weight_sq.to(acc), scaling, fan_in_fan_out,
+                            None if lora_bias is None else lora_bias.detach())
     # m in x's dtype, the norm rounded to it first, as PEFT does.
     mag = magnitude / norm.to(x.dtype)
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0 else _no_seed(x)
     weight, fan_in_fan_out = _standard_layout(weight, fan_in_fan_out)
-    y, _, _ = _lk.dora_linear_fwd(x.reshape(-1, in_f), weight, bias, lora_A, lora_B, mag, seed,
-                                  float(scaling), p, fan_in_fan_out)
+    y, _, _ = fwd(x.reshape(-1, in_f), weight, bias, lora_A, lora_B, mag, seed, scaling, p,
+                  fan_in_fan_out)
     if lora_bias is not None:
-        y = y + (mag * float(scaling)) * lora_bias
+        y = y + (mag * scaling) * lora_bias
     return _unflatten(y, (*x.shape[:-1], out_f))
 
 
@@ -390,3 +411,5 @@ if ops.NATIVE:
                  lambda *a: _embedding_composite(routes.ROUTES[ops.lora_embedding_fwd], *a))
     routes.route(_lk.lora_delta.default,
                  lambda *a: _delta_composite(routes.ROUTES[ops.lora_delta_fwd], *a))
+    routes.route(_lk.dora_linear.default,
+                 lambda *a: _dora_composite(routes.ROUTES[ops.dora_linear_fwd], *a))

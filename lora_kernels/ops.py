@@ -63,8 +63,9 @@ groups) -> (y, s)``
 num_groups, groups, output_mask) -> (dx, dA, dB)``
     The branch's gradients (base's is ``grad`` itself); three flags.
 
-DoRA's ops are composed from each backend's kernels above
-(``lora_kernels.dora``, which has the math and the memory plan):
+DoRA's ops are composed from the kernels above, on every device
+(``csrc/dora_linear.cpp``; ``lora_kernels.dora`` is the same in Python, for a
+backend asked for by name, and has the math and the memory plan):
 ``dora_linear_fwd(x, weight, bias, lora_A, lora_B, mag, seed, scaling,
 dropout_p, fan_in_fan_out) -> (y, s, z)``
     ``y = x·Wᵀ + bias + (m − 1)·(x̂·Wᵀ) + m·scaling·(x̂·Aᵀ)·Bᵀ`` with
@@ -102,7 +103,11 @@ LIB = torch.library.Library(_NS, "FRAGMENT")
 # (merge_, unmerge_, merged_weight) are always defined here.
 NATIVE_OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_embedding_fwd",
                "lora_embedding_bwd", "dropout", "lora_delta_fwd", "lora_delta_bwd",
-               "lora_linear", "lora_embedding", "lora_delta")
+               "lora_linear", "lora_embedding", "lora_delta", "dora_linear_fwd",
+               "dora_linear_bwd", "dora_linear")
+# Of those, the ones whose kernel for every device is the extension's own
+# composite of the others (csrc/dora_linear.cpp): no Python kernel is added.
+NATIVE_COMPOSITES = ("dora_linear_fwd", "dora_linear_bwd")
 
 
 def lowrank_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,7 +131,8 @@ def _define(schema: str, impl, fake):
     name = schema.split("(", 1)[0]
     if not (NATIVE and name in NATIVE_OPS):
         LIB.define(schema)
-    LIB.impl(name, impl, "CompositeExplicitAutograd")
+    if not (NATIVE and name in NATIVE_COMPOSITES):
+        LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{_NS}::{name}", fake, lib=LIB)
     return getattr(getattr(torch.ops, _NS), name).default
 
@@ -335,7 +341,8 @@ lora_delta_bwd = _define(
 
 
 # ---------------------------------------------------------------------------
-# DoRA: composed from the device backend's lora_linear and dropout kernels
+# DoRA: composed from the kernels (the extension's composite, or the device
+# backend's in Python)
 # ---------------------------------------------------------------------------
 
 def _dora_fwd_impl(x, weight, bias, lora_A, lora_B, mag, seed, scaling, dropout_p,
