@@ -136,6 +136,37 @@ def test_low_precision(backend, dtype, p):
     torch.testing.assert_close(y.double(), y64, **TOL[dtype])
 
 
+def test_autocast_runs_dora_in_the_autocast_dtype(backend):
+    """Under autocast the operands go to bf16 (‖W_i‖² stays float32) and the
+    gradients reach the fp32 parameters in fp32."""
+    skip_unreliable(backend, torch.bfloat16)
+    x, w, bias, a, b, mag, _ = (t.float() for t in _inputs(10, 24, 12, 4, seed=13))
+    leaves = [t.requires_grad_() for t in (a, b, mag)]
+    ref = LF.dora_linear(x, w, bias, *leaves, 1.5, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = LF.dora_linear(x, w, bias, *leaves, 1.5, 0.0)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, **TOL[torch.bfloat16])
+    y.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+
+
+@pytest.mark.skipif(not ops.NATIVE, reason="the compiled extension's op")
+def test_native_op_checks_weight_sq():
+    """The C++ op takes ‖W_i‖² from the caller (functional.weight_row_sq):
+    a wrong one is refused, naming it."""
+    x, w, bias, a, b, mag, _ = (t.float() for t in _inputs(4, 9, 6, 2, seed=14))
+    sq = LF.weight_row_sq(w)
+    torch.testing.assert_close(lk.dora_linear(x, w, bias, a, b, mag, sq, 1.0, 0.0, True, False,
+                                              None),
+                               LF.dora_linear(x, w, bias, a, b, mag, 1.0))
+    with pytest.raises(ValueError, match=r"weight_sq.shape: got \(5,\), expected \(6,\)"):
+        lk.dora_linear(x, w, bias, a, b, mag, sq[:5], 1.0, 0.0, True, False, None)
+    with pytest.raises(ValueError, match=r"weight_sq: got torch.float64 on cpu, expected "
+                                         r"torch.float32"):
+        lk.dora_linear(x, w, bias, a, b, mag, sq.double(), 1.0, 0.0, True, False, None)
+
+
 def test_weight_norm_by_expansion_and_its_cache():
     """‖W + s·(B·A + b_B)‖ without building it equals the built one; ‖W_i‖² is
     cached on W and recomputed when W changes in place."""
