@@ -62,4 +62,19 @@ inline void check_lora_dropout(double p) {
   if (!(p >= 0.0 && p < 1.0)) fail_arg("lora_dropout", p, "a float in [0, 1)");
 }
 
+// A linear layer's W (2-D; (in, out) with fan_in_fan_out) and x (..., in):
+// {out_features, in_features}.
+struct LinearFeatures {
+  int64_t out, in;
+};
+inline LinearFeatures check_linear_x(const at::Tensor& x, const at::Tensor& weight,
+                                     bool fan_in_fan_out) {
+  if (weight.dim() != 2) fail_arg("weight.dim()", weight.dim(), 2);
+  const LinearFeatures f{weight.size(fan_in_fan_out ? 1 : 0), weight.size(fan_in_fan_out ? 0 : 1)};
+  if (x.dim() == 0 || x.sym_size(-1) != f.in)
+    TORCH_CHECK_VALUE(false, "x.shape: got ", py_shape(x), ", expected (..., ", f.in,
+                      ") (in_features=", f.in, ")");
+  return f;
+}
+
 }  // namespace lora_kernels

@@ -324,12 +324,7 @@ Tensor dora_linear(const Tensor& x, const Tensor& weight_in, const std::optional
                    const Tensor& weight_sq, double scaling, double dropout_p, bool training,
                    bool fan_in_fan_out, const std::optional<Tensor>& lora_bias) {
   check_lora_dropout(dropout_p);
-  if (weight_in.dim() != 2) fail_arg("weight.dim()", weight_in.dim(), 2);
-  const int64_t out_f = weight_in.size(fan_in_fan_out ? 1 : 0);
-  const int64_t in_f = weight_in.size(fan_in_fan_out ? 0 : 1);
-  if (x.dim() == 0 || x.sym_size(-1) != in_f)
-    TORCH_CHECK_VALUE(false, "x.shape: got ", py_shape(x), ", expected (..., ", in_f,
-                      ") (in_features=", in_f, ")");
+  const auto [out_f, in_f] = check_linear_x(x, weight_in, fan_in_fan_out);
   const int64_t r = lora_A.dim() == 2 ? lora_A.size(0) : 0;
   if (lora_A.dim() != 2 || r == 0 || lora_A.size(1) != in_f)
     fail_arg("lora_A.shape", py_shape(lora_A), "(r, " + std::to_string(in_f) + ")");
@@ -359,23 +354,13 @@ Tensor dora_linear(const Tensor& x, const Tensor& weight_in, const std::optional
   const Tensor mag = magnitude / norm.to(x.scalar_type());
   const double p = training ? dropout_p : 0.0;
   const Tensor seed = p > 0.0 ? draw_seed(x) : no_seed(x);
-  // A fan_in_fan_out W that is the transpose of a contiguous (out, in) matrix
-  // goes to the kernels as that matrix.
-  Tensor weight = weight_in;
-  if (fan_in_fan_out && !weight.is_contiguous() && weight.t().is_contiguous()) {
-    weight = weight.t();
-    fan_in_fan_out = false;
-  }
+  const auto [weight, standard_fifo] = standard_layout(weight_in, fan_in_fan_out);
   const Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, in_f});
   Tensor y = std::get<0>(fwd_op().call(x2, weight, bias, lora_A, lora_B, mag, seed, scaling, p,
-                                       fan_in_fan_out));
+                                       standard_fifo));
   if (lora_bias.has_value() && lora_bias->defined()) y = y + (mag * scaling) * *lora_bias;
   if (x.dim() == 2) return y;
-  // The caller's shape, as a tensor of its own rather than a view (FSDP2
-  // warns about modules that return views).
-  std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end() - 1);
-  shape.emplace_back(out_f);
-  return at::_unsafe_view_symint(y, shape);
+  return with_leading_dims(y, x.sym_sizes().slice(0, x.dim() - 1), out_f);
 }
 
 // Under torch.autocast: the floating operands in the autocast dtype (‖W_i‖²

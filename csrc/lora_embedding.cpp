@@ -126,9 +126,7 @@ Tensor lora_embedding(const Tensor& indices, const Tensor& weight, const Tensor&
   }
   const int64_t pad = padding_idx.has_value() ? ((*padding_idx % num) + num) % num : -1;
   Tensor y = std::get<0>(fwd_op().call(flat, weight, lora_A, lora_B, scaling, pad));
-  std::vector<c10::SymInt> shape(indices.sym_sizes().begin(), indices.sym_sizes().end());
-  shape.emplace_back(dim);
-  return at::_unsafe_view_symint(y, shape);
+  return with_leading_dims(y, indices.sym_sizes(), dim);
 }
 
 }  // namespace

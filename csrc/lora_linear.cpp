@@ -135,12 +135,7 @@ Tensor lora_linear(const Tensor& x, const Tensor& weight_in, const std::optional
                    double dropout_p, bool training, bool fan_in_fan_out, int64_t num_groups,
                    at::IntArrayRef groups) {
   check_lora_dropout(dropout_p);
-  if (weight_in.dim() != 2) fail_arg("weight.dim()", weight_in.dim(), 2);
-  const int64_t out_f = weight_in.size(fan_in_fan_out ? 1 : 0);
-  const int64_t in_f = weight_in.size(fan_in_fan_out ? 0 : 1);
-  if (x.dim() == 0 || x.sym_size(-1) != in_f)
-    TORCH_CHECK_VALUE(false, "x.shape: got ", py_shape(x), ", expected (..., ", in_f,
-                      ") (in_features=", in_f, ")");
+  const auto [out_f, in_f] = check_linear_x(x, weight_in, fan_in_fan_out);
   if (num_groups < 1 || out_f % num_groups)
     fail_arg("len(enable_lora)", num_groups,
              "a divisor of out_features=" + std::to_string(out_f));
@@ -163,22 +158,12 @@ Tensor lora_linear(const Tensor& x, const Tensor& weight_in, const std::optional
 
   const double p = training ? dropout_p : 0.0;
   const Tensor seed = p > 0.0 ? draw_seed(x) : no_seed(x);
-  // A fan_in_fan_out W that is the transpose of a contiguous (out, in) matrix
-  // (loralib stores it so) goes to the kernel as that matrix.
-  Tensor weight = weight_in;
-  if (fan_in_fan_out && !weight.is_contiguous() && weight.t().is_contiguous()) {
-    weight = weight.t();
-    fan_in_fan_out = false;
-  }
+  const auto [weight, standard_fifo] = standard_layout(weight_in, fan_in_fan_out);
   const Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, in_f});
   Tensor y = std::get<0>(fwd_op().call(x2, weight, bias, lora_A, lora_B, seed, scaling, p,
-                                       fan_in_fan_out, num_groups, groups));
+                                       standard_fifo, num_groups, groups));
   if (x.dim() == 2) return y;
-  // The caller's shape, as a tensor of its own rather than a view (as F.linear
-  // returns): FSDP2 warns about modules that return views.
-  std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end() - 1);
-  shape.emplace_back(out_f);
-  return at::_unsafe_view_symint(y, shape);
+  return with_leading_dims(y, x.sym_sizes().slice(0, x.dim() - 1), out_f);
 }
 
 // Under torch.autocast: the floating operands in the autocast dtype, then

@@ -9,6 +9,8 @@
 #include <torch/autograd.h>
 
 #include <limits>
+#include <utility>
+#include <vector>
 
 namespace lora_kernels {
 
@@ -42,6 +44,24 @@ inline Tensor no_seed(const Tensor& like) {
     return *zero;
   }
   return at::zeros({}, like.options().dtype(at::kLong));
+}
+
+// The (weight, fan_in_fan_out) a linear kernel gets: a fan_in_fan_out W that
+// is the transpose of a contiguous (out, in) matrix (loralib stores it so)
+// goes as that matrix.
+inline std::pair<Tensor, bool> standard_layout(const Tensor& weight, bool fan_in_fan_out) {
+  if (fan_in_fan_out && !weight.is_contiguous() && weight.t().is_contiguous())
+    return {weight.t(), false};
+  return {weight, fan_in_fan_out};
+}
+
+// y (tokens, features) with the caller's leading dimensions `lead` (x's, or
+// the indices'), as a tensor of its own rather than a view (as F.linear
+// returns): FSDP2 warns about modules that return views.
+inline Tensor with_leading_dims(const Tensor& y, c10::SymIntArrayRef lead, int64_t features) {
+  std::vector<c10::SymInt> shape(lead.begin(), lead.end());
+  shape.emplace_back(features);
+  return at::_unsafe_view_symint(y, shape);
 }
 
 }  // namespace lora_kernels
