@@ -73,6 +73,17 @@ def _autocast(x: Tensor, *tensors):
                  for t in (x,) + tensors)
 
 
+def _check_linear_x(x: Tensor, weight: Tensor, fan_in_fan_out: bool):
+    """A linear layer's W (2-D; (in, out) with fan_in_fan_out) and x (..., in):
+    (out_features, in_features)."""
+    if weight.dim() != 2:
+        _fail("weight.dim()", weight.dim(), 2)
+    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        _fail("x.shape", tuple(x.shape), f"(..., {in_f}) (in_features={in_f})")
+    return out_f, in_f
+
+
 def enabled_groups(enable_lora: Sequence[bool]):
     return [i for i, on in enumerate(enable_lora) if on]
 
@@ -99,11 +110,7 @@ def _linear_composite(fwd, x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     """The lora_linear op in Python, with ``fwd`` as lora_linear_fwd."""
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     check_dropout(dropout_p)
-    if weight.dim() != 2:
-        _fail("weight.dim()", weight.dim(), 2)
-    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
-    if x.dim() == 0 or x.shape[-1] != in_f:
-        _fail("x.shape", tuple(x.shape), f"(..., {in_f}) (in_features={in_f})")
+    out_f, in_f = _check_linear_x(x, weight, fan_in_fan_out)
     if num_groups == 0 or out_f % num_groups:
         _fail("len(enable_lora)", num_groups, f"a divisor of out_features={out_f}")
     if not groups:
@@ -278,11 +285,7 @@ def _dora_composite(fwd, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora
     x, weight, bias, lora_A, lora_B, magnitude, lora_bias = _autocast(
         x, weight, bias, lora_A, lora_B, magnitude, lora_bias)
     check_dropout(dropout_p)
-    if weight.dim() != 2:
-        _fail("weight.dim()", weight.dim(), 2)
-    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
-    if x.dim() == 0 or x.shape[-1] != in_f:
-        _fail("x.shape", tuple(x.shape), f"(..., {in_f}) (in_features={in_f})")
+    out_f, in_f = _check_linear_x(x, weight, fan_in_fan_out)
     r = lora_A.shape[0] if lora_A.dim() == 2 else 0
     if lora_A.dim() != 2 or r == 0 or lora_A.shape != (r, in_f):
         _fail("lora_A.shape", tuple(lora_A.shape), f"(r, {in_f})")
