@@ -33,6 +33,7 @@
 
 #include "arg_errors.h"
 #include "op_autograd.h"
+#include "philox.h"
 
 namespace lora_kernels {
 namespace {
@@ -53,6 +54,10 @@ using DeltaBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tens
                                                        double, int64_t, at::IntArrayRef,
                                                        c10::List<bool>);
 using DropoutSig = Tensor(const Tensor&, const Tensor&, double);
+using DroppedLinearSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                double, double, double);
+using DroppedLinearBwdSig = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                 double, double);
 using DoraFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
                                                       const std::optional<Tensor>&,
                                                       const Tensor&, const Tensor&,
@@ -83,6 +88,14 @@ auto& dropout_op() {
   static auto op = typed_op<DropoutSig>("lora_kernels::dropout");
   return op;
 }
+auto& dropped_linear_op() {
+  static auto op = typed_op<DroppedLinearSig>("lora_kernels::dropped_linear");
+  return op;
+}
+auto& dropped_linear_bwd_op() {
+  static auto op = typed_op<DroppedLinearBwdSig>("lora_kernels::dropped_linear_bwd_");
+  return op;
+}
 auto& fwd_op() {
   static auto op = typed_op<DoraFwdSig>("lora_kernels::dora_linear_fwd");
   return op;
@@ -96,6 +109,20 @@ auto& bwd_op() {
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 Tensor empty_like0(const Tensor& t) { return at::empty({0}, t.options()); }
+
+// Whether dropout's second frozen GEMM (on x̂ forward, on h backward) runs as
+// the first one plus the product over the dropped entries (dropped_linear.h):
+// where that product has a sparse kernel (the CPU's, float32 and float64)
+// and the dropped fraction is small enough that it beats a GEMM.
+constexpr double kSparseDroppedMaxP = 0.25;
+bool sparse_dropped(const Tensor& x, double dropout_p) {
+  const auto st = x.scalar_type();
+  return x.device().is_cpu() && (st == at::kFloat || st == at::kDouble) &&
+         dropout_p <= kSparseDroppedMaxP && x.size(0) > 0;
+}
+
+// The factor dropout multiplies kept entries by (philox.h).
+double keep_scale(double p) { return philox::dropout_keep_scale(philox::dropout_threshold(p)); }
 
 // ---------------------------------------------------------------------------
 // The row norms
@@ -158,14 +185,28 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_fwd(const Tensor& x, const Tensor
     return {y, s, z};
   }
   // y = x·Wᵀ + bias + (m − 1) ⊙ z + s·(x̂·Aᵀ)·Bᵀ with z the LoRA layer's output
-  // on x̂: two frozen GEMMs (x and x̂ differ); x̂ is a temporary.
+  // on x̂.
+  const Tensor w = fan_in_fan_out ? weight.t() : weight;  // (out, in)
+  if (sparse_dropped(x, dropout_p)) {
+    // x̂·Wᵀ = k·(x·Wᵀ − ((1 − D) ⊙ x)·Wᵀ): one frozen GEMM, and the dropped
+    // fraction p of another (dropped_linear.h).
+    const double k = keep_scale(dropout_p);
+    Tensor y = at::mm(x, w.t());
+    const Tensor xw = dropped_linear_op().call(y, x, w, seed, dropout_p, k, -k);
+    auto [z, s] = delta_fwd_op().call(x, xw, lora_A, lora_B, seed, scaling, dropout_p, 1, {0});
+    if (has_bias) y.add_(*bias);
+    y.addcmul_(z, mag - 1);
+    y.addmm_(s.to(x.scalar_type()), lora_B.t(), 1.0, scaling);
+    return {y, s, z};
+  }
+  // Otherwise two frozen GEMMs (x and x̂ differ); x̂ is a temporary.
   Tensor z, s;
   {
     const Tensor xd = dropout_op().call(x.contiguous(), seed, dropout_p);
     std::tie(z, s) = linear_fwd_op().call(xd, weight, none, lora_A, lora_B, seed, scaling, 0.0,
                                           fan_in_fan_out, 1, {0});
   }
-  Tensor y = at::linear(x, fan_in_fan_out ? weight.t() : weight, bias);
+  Tensor y = at::linear(x, w, bias);
   y.addcmul_(z, mag - 1);
   y.addmm_(s.to(x.scalar_type()), lora_B.t(), 1.0, scaling);
   return {y, s, z};
@@ -220,7 +261,14 @@ Grads6 dora_linear_bwd(const Tensor& grad, const Tensor& x, const Tensor& weight
   }
   const Tensor w = fan_in_fan_out ? weight.t() : weight;  // (out, in)
   Tensor dx = empty_like0(grad), dw = empty_like0(weight);
-  if (want_x) {
+  if (want_x && sparse_dropped(grad, dropout_p)) {
+    // g·W + k·D ⊙ (h·W) = (g + k·h)·W − k·(1 − D) ⊙ (h·W): one frozen GEMM and
+    // the dropped fraction p of another (dropped_linear.h).
+    const double k = keep_scale(dropout_p);
+    dx = at::mm(at::add(grad, h, k), w);
+    dropped_linear_bwd_op().call(dx, h, w, seed, dropout_p, -k);
+    dx.add_(dx_low);
+  } else if (want_x) {
     dx = dropout_op().call(at::mm(h, w), seed, dropout_p);
     dx.add_(dx_low).addmm_(grad, w);
   }

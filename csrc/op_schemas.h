@@ -66,6 +66,14 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "lora_delta(Tensor x, Tensor base, Tensor lora_A, Tensor lora_B, float scaling, "
       "float dropout_p, bool training, int num_groups, int[] groups) -> Tensor");
+  // The frozen GEMM over dropout's dropped entries only (csrc/dropped_linear.h):
+  // how DoRA gets x̂·Wᵀ from x·Wᵀ. Internal, no autograd.
+  m.def(
+      "dropped_linear(Tensor input, Tensor x, Tensor weight, Tensor seed, float p, "
+      "float beta, float alpha) -> Tensor");
+  m.def(
+      "dropped_linear_bwd_(Tensor(a!) dx, Tensor grad, Tensor weight, Tensor seed, float p, "
+      "float alpha) -> ()");
   // DoRA (csrc/dora_linear.cpp): composed from the kernels above, for every
   // device (no kernel of its own), with its autograd and the user-facing op.
   m.def(

@@ -75,6 +75,14 @@ dropout_p, fan_in_fan_out) -> (y, s, z)``
 ``dora_linear_bwd(grad, x, weight, lora_A, lora_B, mag, s, z, seed, scaling,
 dropout_p, fan_in_fan_out, output_mask) -> (dx, dweight, dbias, dA, dB, dmag)``
     Six flags.
+
+The frozen GEMM over dropout's dropped entries (``csrc/dropped_linear.h``),
+how DoRA's composite gets x̂·Wᵀ from x·Wᵀ on the CPU; internal, no autograd.
+With 1 − D the dropped entries of x's shape and ``weight`` (out, in):
+``dropped_linear(input, x, weight, seed, p, beta, alpha) -> Tensor``
+    ``beta·input + alpha·((1 − D) ⊙ x)·weightᵀ`` (beta = 0 ignores input).
+``dropped_linear_bwd_(dx, grad, weight, seed, p, alpha) -> ()``
+    ``dx += alpha·(1 − D) ⊙ (grad·weight)``, in place.
 """
 from __future__ import annotations
 
@@ -104,10 +112,11 @@ LIB = torch.library.Library(_NS, "FRAGMENT")
 NATIVE_OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_embedding_fwd",
                "lora_embedding_bwd", "dropout", "lora_delta_fwd", "lora_delta_bwd",
                "lora_linear", "lora_embedding", "lora_delta", "dora_linear_fwd",
-               "dora_linear_bwd", "dora_linear")
+               "dora_linear_bwd", "dora_linear", "dropped_linear", "dropped_linear_bwd_")
 # Of those, the ones whose kernel for every device is the extension's own
-# composite of the others (csrc/dora_linear.cpp): no Python kernel is added.
-NATIVE_COMPOSITES = ("dora_linear_fwd", "dora_linear_bwd")
+# (csrc/dora_linear.cpp, csrc/dropped_linear.cpp): no Python kernel is added.
+NATIVE_COMPOSITES = ("dora_linear_fwd", "dora_linear_bwd", "dropped_linear",
+                     "dropped_linear_bwd_")
 
 
 def lowrank_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -297,6 +306,40 @@ dropout = _define("dropout(Tensor x, Tensor seed, float p) -> Tensor", _dropout_
                   _dropout_fake)
 
 
+def _dropped_entries(like: Tensor, seed: Tensor, p: float) -> Tensor:
+    """1 − D of ``like``'s shape: the entries dropout(·, seed, p) drops."""
+    return (dropout(torch.ones_like(like, memory_format=torch.contiguous_format), seed, p) == 0
+            ).to(like.dtype)
+
+
+def _dropped_linear_impl(input, x, weight, seed, p, beta, alpha):
+    prod = (x * _dropped_entries(x, seed, p)) @ weight.t()
+    return prod * alpha if beta == 0 else input * beta + prod * alpha
+
+
+def _dropped_linear_fake(input, x, weight, seed, p, beta, alpha):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+dropped_linear = _define(
+    "dropped_linear(Tensor input, Tensor x, Tensor weight, Tensor seed, float p, float beta, "
+    "float alpha) -> Tensor", _dropped_linear_impl, _dropped_linear_fake)
+
+
+def _dropped_linear_bwd_impl(dx, grad, weight, seed, p, alpha):
+    if p > 0 and dx.numel():
+        dx.add_((grad @ weight) * _dropped_entries(dx, seed, p), alpha=alpha)
+
+
+def _dropped_linear_bwd_fake(dx, grad, weight, seed, p, alpha):
+    return None
+
+
+dropped_linear_bwd_ = _define(
+    "dropped_linear_bwd_(Tensor(a!) dx, Tensor grad, Tensor weight, Tensor seed, float p, "
+    "float alpha) -> ()", _dropped_linear_bwd_impl, _dropped_linear_bwd_fake)
+
+
 # ---------------------------------------------------------------------------
 # The LoRA branch around a base layer computed elsewhere
 # ---------------------------------------------------------------------------
@@ -400,7 +443,8 @@ def _route_devices_to_env_backend() -> None:
     impls = {"lora_linear_fwd": _linear_fwd_impl, "lora_linear_bwd": _linear_bwd_impl,
              "lora_embedding_fwd": _embedding_fwd_impl, "lora_embedding_bwd": _embedding_bwd_impl,
              "dropout": _dropout_impl, "lora_delta_fwd": _delta_fwd_impl,
-             "lora_delta_bwd": _delta_bwd_impl}
+             "lora_delta_bwd": _delta_bwd_impl, "dropped_linear": _dropped_linear_impl,
+             "dropped_linear_bwd_": _dropped_linear_bwd_impl}
     with warnings.catch_warnings():  # "overriding a previously registered kernel"
         warnings.simplefilter("ignore")
         for key, native in (("CPU", "cpu"), ("CUDA", "cuda")):
