@@ -112,13 +112,20 @@ Tensor empty_like0(const Tensor& t) { return at::empty({0}, t.options()); }
 
 // Whether dropout's second frozen GEMM (on x̂ forward, on h backward) runs as
 // the first one plus the product over the dropped entries (dropped_linear.h):
-// where that product has a sparse kernel (the CPU's, float32 and float64)
-// and the dropped fraction is small enough that it beats a GEMM.
-constexpr double kSparseDroppedMaxP = 0.25;
-bool sparse_dropped(const Tensor& x, double dropout_p) {
+// where that product has a sparse kernel (the CPU's, float32 and float64),
+// the dropped fraction is small enough for it to beat a GEMM (on the 2-core
+// AMD EPYC it takes 0.3–0.45× a GEMM's time at p = 0.05–0.1 and 4096²,
+// about 1× at p = 0.2 in backward), and the GEMM is large enough for the
+// kernel's fixed cost (the mask's compressed rows, W's transposed blocks) to
+// pay off.
+constexpr double kSparseDroppedMaxP = 0.1;
+constexpr double kSparseDroppedMinMacs = 1 << 26;  // tokens · in · out
+bool sparse_dropped(const Tensor& x, const Tensor& weight, double dropout_p) {
   const auto st = x.scalar_type();
   return x.device().is_cpu() && (st == at::kFloat || st == at::kDouble) &&
-         dropout_p <= kSparseDroppedMaxP && x.size(0) > 0;
+         dropout_p <= kSparseDroppedMaxP &&
+         static_cast<double>(x.size(0)) * static_cast<double>(weight.numel()) >=
+             kSparseDroppedMinMacs;
 }
 
 // The factor dropout multiplies kept entries by (philox.h).
@@ -187,7 +194,7 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_fwd(const Tensor& x, const Tensor
   // y = x·Wᵀ + bias + (m − 1) ⊙ z + s·(x̂·Aᵀ)·Bᵀ with z the LoRA layer's output
   // on x̂.
   const Tensor w = fan_in_fan_out ? weight.t() : weight;  // (out, in)
-  if (sparse_dropped(x, dropout_p)) {
+  if (sparse_dropped(x, weight, dropout_p)) {
     // x̂·Wᵀ = k·(x·Wᵀ − ((1 − D) ⊙ x)·Wᵀ): one frozen GEMM, and the dropped
     // fraction p of another (dropped_linear.h).
     const double k = keep_scale(dropout_p);
@@ -261,7 +268,7 @@ Grads6 dora_linear_bwd(const Tensor& grad, const Tensor& x, const Tensor& weight
   }
   const Tensor w = fan_in_fan_out ? weight.t() : weight;  // (out, in)
   Tensor dx = empty_like0(grad), dw = empty_like0(weight);
-  if (want_x && sparse_dropped(grad, dropout_p)) {
+  if (want_x && sparse_dropped(grad, weight, dropout_p)) {
     // g·W + k·D ⊙ (h·W) = (g + k·h)·W − k·(1 − D) ⊙ (h·W): one frozen GEMM and
     // the dropped fraction p of another (dropped_linear.h).
     const double k = keep_scale(dropout_p);

@@ -139,19 +139,37 @@ def test_opcheck():
 
 
 # DoRA's C++ composite (no backend named: the dispatcher's CPU route) takes
-# the dropped-entries path for float32/float64 at dropout ≤ 0.25.
+# the dropped-entries path for float32/float64 at dropout ≤ 0.1 when tokens ·
+# in · out ≥ 2**26 (csrc/dora_linear.cpp, sparse_dropped).
 
-@pytest.mark.parametrize("p", [0.05, 0.2])
+def _ops_run(fn):
+    """fn's result, and the names of the lora_kernels ops it ran (forward and
+    backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, {e.name for e in prof.events() if e.name.startswith("lora_kernels::")}
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.2])
 @pytest.mark.parametrize("fifo", [False, True])
-@pytest.mark.parametrize("tokens", [0, 1, 130, 261])
+@pytest.mark.parametrize("tokens", [0, 3, 1000])
 def test_dora_composite_with_dropout_matches_the_reference(p, fifo, tokens):
-    in_f, out_f, r, scaling = 70, 66, 4, 1.7
+    in_f, out_f, r, scaling = 260, 259, 4, 1.7
     x, bias, a, b = _rn(tokens, in_f), _rn(out_f, seed=6), _rn(r, in_f, seed=7), \
         _rn(out_f, r, seed=8)
     w = _rn(in_f, out_f, seed=1) if fifo else _rn(out_f, in_f, seed=1)
     m = torch.rand(out_f, dtype=torch.float64) + 0.5
     leaves = [t.clone().requires_grad_() for t in (x, w, bias, a, b, m)]
-    y, s, z = lk.dora_linear_fwd(*leaves, SEED, scaling, p, fifo)
+    g = _rn(tokens, out_f, seed=9)
+
+    def step():
+        y, s, z = lk.dora_linear_fwd(*leaves, SEED, scaling, p, fifo)
+        y.backward(g)
+        return y
+    y, ran = _ops_run(step)
+    sparse = p <= 0.1 and tokens * in_f * out_f >= 2**26
+    assert ("lora_kernels::dropped_linear" in ran) == sparse, ran
+    assert ("lora_kernels::dropped_linear_bwd_" in ran) == sparse, ran
     ref = [t.clone().requires_grad_() for t in (x, w, bias, a, b, m)]
     xr, wr, br, ar, bbr, mr = ref
     wt = wr.t() if fifo else wr
@@ -159,8 +177,6 @@ def test_dora_composite_with_dropout_matches_the_reference(p, fifo, tokens):
     y_ref = (torch.nn.functional.linear(xr, wt, br) + (mr - 1) * torch.nn.functional.linear(xd, wt)
              + mr * scaling * (xd @ ar.t() @ bbr.t()))
     torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
-    g = _rn(tokens, out_f, seed=9)
-    y.backward(g)
     y_ref.backward(g)
     for name, t, u in zip(("x", "weight", "bias", "A", "B", "mag"), leaves, ref):
         torch.testing.assert_close(t.grad, u.grad, **TOL[torch.float64], msg=name)
@@ -168,9 +184,11 @@ def test_dora_composite_with_dropout_matches_the_reference(p, fifo, tokens):
 
 def test_dora_composite_float32_3d_input():
     """The user-facing op on a (batch, seq, in) float32 input at dropout 0.1,
-    against the float64 reference with the same seed."""
-    x, w, a, b = _rn(3, 50, 40), _rn(24, 40, seed=1), _rn(8, 40, seed=2), _rn(24, 8, seed=3)
-    mag = torch.rand(24, dtype=torch.float64) + 0.5
+    large enough for the dropped-entries path, against the float64 reference
+    with the same seed."""
+    x, w, a, b = _rn(4, 300, 240), _rn(250, 240, seed=1), _rn(8, 240, seed=2), \
+        _rn(250, 8, seed=3)
+    mag = torch.rand(250, dtype=torch.float64) + 0.5
     torch.manual_seed(5)
     got = lk.dora_linear(x.float(), w.float(), None, a.float(), b.float(), mag.float(),
                          w.float().square().sum(1), 0.5, 0.1, True, False, None)

@@ -140,6 +140,21 @@ using Vec __attribute__((vector_size(32), aligned(sizeof(T)))) = T;  // unaligne
 template <typename T>
 constexpr int kVecs = kCols<T> * static_cast<int>(sizeof(T)) / 32;
 
+// The Wt row (four cache lines) of entry e, fetched kAhead entries before it
+// is read: the rows an entry meets are random, so the hardware prefetcher
+// cannot see them coming, and L2's latency would otherwise stall each entry.
+constexpr int64_t kAhead = 6;
+template <typename T>
+inline __attribute__((always_inline)) void prefetch_row(const T* wt, const int32_t* col,
+                                                        int64_t e, int64_t end) {
+  if (e >= end) return;
+  const char* p = reinterpret_cast<const char*>(wt + static_cast<int64_t>(col[e]) * kCols<T>);
+  __builtin_prefetch(p);
+  __builtin_prefetch(p + 64);
+  __builtin_prefetch(p + 128);
+  __builtin_prefetch(p + 192);
+}
+
 // Forward, one k-tile of Wt (rows < k_end): acc_i += Σ val[e] · Wt[col[e]]
 // over row i's dropped entries from cur[i] on with col < k_end (the columns
 // of a row are ascending, so cur[i] walks each row once over the tiles).
@@ -160,6 +175,7 @@ inline __attribute__((always_inline)) void fwd_rows_loop(const int64_t* __restri
 #pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) a[j] = dst[j];
     for (; e < end && col[e] < k_end; ++e) {
+      prefetch_row<T>(wt, col, e + kAhead, end);
       const T v = val[e];
       const Vec<T>* w = reinterpret_cast<const Vec<T>*>(wt + static_cast<int64_t>(col[e]) * kCols<T>);
 #pragma GCC unroll 16
@@ -169,6 +185,21 @@ inline __attribute__((always_inline)) void fwd_rows_loop(const int64_t* __restri
     for (int j = 0; j < NV; ++j) dst[j] = a[j];
     cur[i] = e;
   }
+}
+
+// The lanes of v added as a tree (halves onto halves: depth log2(lanes),
+// in a fixed order).
+template <typename T>
+inline __attribute__((always_inline)) T lane_sum(Vec<T> v) {
+  constexpr int kLanes = 32 / static_cast<int>(sizeof(T));
+  T t[kLanes];
+#pragma GCC unroll 8
+  for (int l = 0; l < kLanes; ++l) t[l] = v[l];
+#pragma GCC unroll 4
+  for (int half = kLanes / 2; half >= 1; half /= 2)
+#pragma GCC unroll 4
+    for (int l = 0; l < half; ++l) t[l] += t[l + half];
+  return t[0];
 }
 
 // Backward, one k-tile as the forward: part[e] += g_i · Wt[col[e]] for each
@@ -184,7 +215,6 @@ inline __attribute__((always_inline)) void bwd_rows_loop(const int64_t* __restri
                                                          const T* __restrict__ wt,
                                                          T* __restrict__ part) {
   constexpr int NV = kVecs<T>;
-  constexpr int kLanes = 32 / static_cast<int>(sizeof(T));
   for (int64_t i = 0; i < n; ++i) {
     int64_t e = cur[i];
     const int64_t end = rp[i + 1];
@@ -194,6 +224,7 @@ inline __attribute__((always_inline)) void bwd_rows_loop(const int64_t* __restri
 #pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) gi[j] = src[j];
     for (; e < end && col[e] < k_end; ++e) {
+      prefetch_row<T>(wt, col, e + kAhead, end);
       const Vec<T>* w = reinterpret_cast<const Vec<T>*>(wt + static_cast<int64_t>(col[e]) * kCols<T>);
       Vec<T> s0 = gi[0] * w[0], s1 = gi[1] * w[1];
 #pragma GCC unroll 16
@@ -202,10 +233,7 @@ inline __attribute__((always_inline)) void bwd_rows_loop(const int64_t* __restri
         s1 += gi[j + 1] * w[j + 1];
       }
       s0 += s1;
-      T total = s0[0];
-#pragma GCC unroll 8
-      for (int l = 1; l < kLanes; ++l) total += s0[l];
-      part[e] += total;
+      part[e] += lane_sum<T>(s0);
     }
     cur[i] = e;
   }
