@@ -10,21 +10,23 @@
 //      from the seed: nothing is stored between forward and backward), as
 //      compressed rows (column, and for the forward x's value), built per
 //      block of kRowBlock rows in parallel;
-//   2. W in blocks of kCols output features: each block transposed once into
-//      a (in × kCols) buffer that all threads share, so the kCols weights an
-//      entry meets are one contiguous run of cache lines;
-//   3. per row, in parallel over row blocks:
+//   2. W in blocks of kCols output features, the tasks of the parallel loop:
+//      each task transposes its block into a (in × kCols) buffer of its own,
+//      so the kCols weights an entry meets are one contiguous run of cache
+//      lines, in that core's caches;
+//   3. per row, over the block's k-tiles (sweep_rows):
 //        forward:  acc[0:kCols] += x[n,k] · Wt[k, 0:kCols] for each dropped k
-//                  (kCols accumulators in registers; the output row block is
-//                  written once);
+//                  (kCols accumulators in registers; each output row segment
+//                  is written once);
 //        backward: part[e] += grad[n, block] · Wt[k, block] for each dropped
-//                  (n, k) = entry e (a dot of kCols, in order over blocks).
-// Every sum runs in a fixed order (blocks in sequence, rows by one thread
-// each), so results do not depend on the thread count.
+//                  (n, k) = entry e (a dot of kCols), blocks in groups with
+//                  partials of their own, added in group order.
+// Every sum runs in a fixed order that does not depend on the thread count,
+// so neither do the results.
 //
-// Memory: the compressed rows (p·tokens·in entries of 4 + sizeof(T) bytes),
-// one transposed weight block (in × kCols), and for the backward one partial
-// sum per dropped entry. float32 and float64; other dtypes take the dense form
+// Memory: the compressed rows (p·tokens·in entries of 4 + sizeof(T) bytes);
+// per thread, a transposed weight block (in × kCols) and one sweep's
+// accumulators; for the backward, kBwdGroups partial sums per dropped entry. float32 and float64; other dtypes take the dense form
 // (dropped_linear.h).
 #include <torch/library.h>
 
@@ -103,31 +105,30 @@ DroppedRows<T> dropped_rows(const MaskParams& mask, int64_t rows, int64_t cols, 
 }
 
 // Wt (in × C, contiguous) = W[o0 : o0 + w, :]ᵀ for W (out × in) with strides
-// (ws0, ws1), zero past column w. In parallel over in.
+// (ws0, ws1), zero past column w. Run by the task that reads it, so the
+// block lands in that core's caches.
 template <typename T, int C>
 void transpose_block(const T* wp, int64_t ws0, int64_t ws1, int64_t o0, int64_t w, int64_t in,
                      T* wt) {
-  at::parallel_for(0, in, 512, [&](int64_t k0, int64_t k1) {
-    if (ws0 == 1) {  // W stored (in, out): each k's run of features is contiguous
-      for (int64_t k = k0; k < k1; ++k) {
-        const T* src = wp + o0 + k * ws1;
-        T* dst = wt + k * C;
-        for (int64_t j = 0; j < w; ++j) dst[j] = src[j];
-        for (int64_t j = w; j < C; ++j) dst[j] = T(0);
-      }
-      return;
+  if (ws0 == 1) {  // W stored (in, out): each k's run of features is contiguous
+    for (int64_t k = 0; k < in; ++k) {
+      const T* src = wp + o0 + k * ws1;
+      T* dst = wt + k * C;
+      for (int64_t j = 0; j < w; ++j) dst[j] = src[j];
+      for (int64_t j = w; j < C; ++j) dst[j] = T(0);
     }
-    constexpr int64_t kTile = 32;  // tiles of kTile × C: reads and writes stay in L1
-    for (int64_t t0 = k0; t0 < k1; t0 += kTile) {
-      const int64_t t1 = std::min(k1, t0 + kTile);
-      for (int64_t j = 0; j < w; ++j) {
-        const T* src = wp + (o0 + j) * ws0;
-        for (int64_t k = t0; k < t1; ++k) wt[k * C + j] = src[k * ws1];
-      }
-      for (int64_t k = t0; k < t1; ++k)
-        for (int64_t j = w; j < C; ++j) wt[k * C + j] = T(0);
+    return;
+  }
+  constexpr int64_t kTile = 16;  // tiles of kTile × C: reads and writes stay in L1
+  for (int64_t t0 = 0; t0 < in; t0 += kTile) {
+    const int64_t t1 = std::min(in, t0 + kTile);
+    for (int64_t j = 0; j < w; ++j) {
+      const T* src = wp + (o0 + j) * ws0;
+      for (int64_t k = t0; k < t1; ++k) wt[k * C + j] = src[k * ws1];
     }
-  });
+    for (int64_t k = t0; k < t1; ++k)
+      for (int64_t j = w; j < C; ++j) wt[k * C + j] = T(0);
+  }
 }
 
 // The inner loops, on GCC/Clang vector types of 32 bytes (8 floats, 4
@@ -289,7 +290,27 @@ struct WeightView {
   int64_t out, in, s0, s1;
 };
 
+// Runs rows_fn over every dropped entry against weight block Wt, row blocks
+// in sweeps of kSweep: per sweep, the k-tiles in order, each serving the
+// sweep's rows while it is in L2. cur is the sweep's row cursors.
+template <typename T, typename Fn>
+void sweep_rows(const DroppedRows<T>& d, int64_t rows, int64_t in, int64_t* cur, Fn&& fn) {
+  const int64_t blocks = num_row_blocks(rows);
+  for (int64_t s0 = 0; s0 < blocks; s0 += kSweep) {
+    const int64_t s1 = std::min(blocks, s0 + kSweep);
+    for (int64_t blk = s0; blk < s1; ++blk)
+      std::copy(d.row_ptr[blk].begin(), d.row_ptr[blk].end() - 1,
+                cur + (blk - s0) * kRowBlock);
+    for (int64_t k0 = 0; k0 < in; k0 += kTileK) {
+      const auto k_end = static_cast<int32_t>(std::min(in, k0 + kTileK));
+      for (int64_t blk = s0; blk < s1; ++blk)
+        fn(blk, (blk - s0) * kRowBlock, std::min(kRowBlock, rows - blk * kRowBlock), k_end);
+    }
+  }
+}
+
 // out = beta·input + alpha·((1 − D) ⊙ x)·Wᵀ; x (tokens × in) contiguous.
+// In parallel over weight blocks (tasks write disjoint output columns).
 template <typename T>
 void fwd_kernel(const Tensor& out, const Tensor& input, const Tensor& x, const Tensor& weight,
                 const MaskParams& mask, double beta, double alpha) {
@@ -297,56 +318,51 @@ void fwd_kernel(const Tensor& out, const Tensor& input, const Tensor& x, const T
   static const FwdRowsFn<T> rows_fn = pick_fwd_rows<T>();
   const int64_t T_ = x.size(0);
   const WeightView wv{weight.size(0), weight.size(1), weight.stride(0), weight.stride(1)};
-  const T* xp = x.data_ptr<T>();
   const T* wp = weight.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const T* ip = beta != 0.0 ? input.data_ptr<T>() : nullptr;
   const int64_t is0 = beta != 0.0 ? input.stride(0) : 0, is1 = beta != 0.0 ? input.stride(1) : 0;
   const T b = static_cast<T>(beta), a = static_cast<T>(alpha);
-  const DroppedRows<T> d = dropped_rows<T>(mask, T_, wv.in, xp, /*values=*/true);
-  const int64_t blocks = num_row_blocks(T_);
-  auto wt = scratch<T>(wv.in * C);
-  for (int64_t o0 = 0; o0 < wv.out; o0 += C) {
-    const int64_t w = std::min<int64_t>(C, wv.out - o0);
-    transpose_block<T, C>(wp, wv.s0, wv.s1, o0, w, wv.in, wt.get());
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      auto acc = scratch<T>(kSweep * kRowBlock * C);
-      auto cur = scratch<int64_t>(kSweep * kRowBlock);
-      for (int64_t s0 = b0; s0 < b1; s0 += kSweep) {
-        const int64_t s1 = std::min(b1, s0 + kSweep);
-        for (int64_t blk = s0; blk < s1; ++blk) {
-          const int64_t q = (blk - s0) * kRowBlock;
-          std::fill(acc.get() + q * C, acc.get() + (q + kRowBlock) * C, T(0));
-          std::copy(d.row_ptr[blk].begin(), d.row_ptr[blk].end() - 1, cur.get() + q);
-        }
-        for (int64_t k0 = 0; k0 < wv.in; k0 += kTileK) {
-          const auto k_end = static_cast<int32_t>(std::min(wv.in, k0 + kTileK));
-          for (int64_t blk = s0; blk < s1; ++blk) {
-            const int64_t q = (blk - s0) * kRowBlock;
-            rows_fn(d.row_ptr[blk].data(), cur.get() + q, d.col[blk].data(), d.val[blk].data(),
-                    std::min(kRowBlock, T_ - blk * kRowBlock), k_end, wt.get(),
-                    acc.get() + q * C);
+  const DroppedRows<T> d = dropped_rows<T>(mask, T_, wv.in, x.data_ptr<T>(), /*values=*/true);
+  const int64_t wblocks = (wv.out + C - 1) / C;
+  const int64_t sweep_rows_n = std::min(T_, kSweep * kRowBlock);
+  at::parallel_for(0, wblocks, 1, [&](int64_t q0, int64_t q1) {
+    auto wt = scratch<T>(wv.in * C);
+    auto acc = scratch<T>(sweep_rows_n * C);
+    auto cur = scratch<int64_t>(sweep_rows_n);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t o0 = q * C, w = std::min<int64_t>(C, wv.out - o0);
+      transpose_block<T, C>(wp, wv.s0, wv.s1, o0, w, wv.in, wt.get());
+      sweep_rows(d, T_, wv.in, cur.get(), [&](int64_t blk, int64_t r, int64_t n, int32_t k_end) {
+        T* accb = acc.get() + r * C;
+        const int64_t* rp = d.row_ptr[blk].data();
+        if (k_end <= kTileK) std::fill(accb, accb + n * C, T(0));  // the sweep's first tile
+        rows_fn(rp, cur.get() + r, d.col[blk].data(), d.val[blk].data(), n, k_end, wt.get(),
+                accb);
+        if (k_end < wv.in) return;  // not the last tile: the rows go on accumulating
+        const int64_t r0 = blk * kRowBlock;
+        for (int64_t i = 0; i < n; ++i) {
+          T* orow = op + (r0 + i) * wv.out + o0;
+          const T* arow = accb + i * C;
+          if (ip) {
+            const T* irow = ip + (r0 + i) * is0 + o0 * is1;
+            for (int64_t j = 0; j < w; ++j) orow[j] = b * irow[j * is1] + a * arow[j];
+          } else {
+            for (int64_t j = 0; j < w; ++j) orow[j] = a * arow[j];
           }
         }
-        for (int64_t blk = s0; blk < s1; ++blk) {
-          const int64_t r0 = blk * kRowBlock, n = std::min(kRowBlock, T_ - r0);
-          for (int64_t i = 0; i < n; ++i) {
-            T* orow = op + (r0 + i) * wv.out + o0;
-            const T* arow = acc.get() + ((blk - s0) * kRowBlock + i) * C;
-            if (ip) {
-              const T* irow = ip + (r0 + i) * is0 + o0 * is1;
-              for (int64_t j = 0; j < w; ++j) orow[j] = b * irow[j * is1] + a * arow[j];
-            } else {
-              for (int64_t j = 0; j < w; ++j) orow[j] = a * arow[j];
-            }
-          }
-        }
-      }
-    });
-  }
+      });
+    }
+  });
 }
 
-// dx += alpha·(1 − D) ⊙ (grad·W); dx (tokens × in) contiguous.
+// Weight-block groups of the backward: its tasks. A fixed number (never the
+// thread count), each with its own partial sums, added in group order.
+constexpr int64_t kBwdGroups = 8;
+
+// dx += alpha·(1 − D) ⊙ (grad·W); dx (tokens × in) contiguous. In parallel
+// over groups of weight blocks, each summing its blocks' share of every
+// entry into its own partials.
 template <typename T>
 void bwd_kernel(const Tensor& dx, const Tensor& grad, const Tensor& weight,
                 const MaskParams& mask, double alpha) {
@@ -357,53 +373,59 @@ void bwd_kernel(const Tensor& dx, const Tensor& grad, const Tensor& weight,
   const T* wp = weight.data_ptr<T>();
   const T* gp = grad.data_ptr<T>();
   const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);
-  T* dp = dx.data_ptr<T>();
   const DroppedRows<T> d = dropped_rows<T>(mask, T_, wv.in, nullptr, /*values=*/false);
   const int64_t blocks = num_row_blocks(T_);
-  std::vector<std::vector<T>> part(static_cast<size_t>(blocks));
-  for (int64_t blk = 0; blk < blocks; ++blk) part[blk].assign(d.col[blk].size(), T(0));
-  auto wt = scratch<T>(wv.in * C);
-  for (int64_t o0 = 0; o0 < wv.out; o0 += C) {
-    const int64_t w = std::min<int64_t>(C, wv.out - o0);
-    transpose_block<T, C>(wp, wv.s0, wv.s1, o0, w, wv.in, wt.get());
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      auto g = scratch<T>(kSweep * kRowBlock * C);
-      auto cur = scratch<int64_t>(kSweep * kRowBlock);
-      for (int64_t s0 = b0; s0 < b1; s0 += kSweep) {
-        const int64_t s1 = std::min(b1, s0 + kSweep);
-        for (int64_t blk = s0; blk < s1; ++blk) {
-          const int64_t r0 = blk * kRowBlock, n = std::min(kRowBlock, T_ - r0);
-          const int64_t q = (blk - s0) * kRowBlock;
-          for (int64_t i = 0; i < n; ++i) {  // the rows' gradient on this block, zero-padded
-            const T* grow = gp + (r0 + i) * gs0 + o0 * gs1;
-            T* dst = g.get() + (q + i) * C;
-            for (int64_t j = 0; j < w; ++j) dst[j] = grow[j * gs1];
-            for (int64_t j = w; j < C; ++j) dst[j] = T(0);
+  std::vector<int64_t> base(static_cast<size_t>(blocks + 1), 0);  // entry offset per row block
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    base[blk + 1] = base[blk] + static_cast<int64_t>(d.col[blk].size());
+  const int64_t nnz = base[blocks];
+  const int64_t wblocks = (wv.out + C - 1) / C;
+  const int64_t groups = std::min(kBwdGroups, wblocks);
+  auto part = scratch<T>(groups * nnz);
+  const int64_t sweep_rows_n = std::min(T_, kSweep * kRowBlock);
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    auto wt = scratch<T>(wv.in * C);
+    auto gbuf = scratch<T>(sweep_rows_n * C);
+    auto cur = scratch<int64_t>(sweep_rows_n);
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      T* pg = part.get() + grp * nnz;
+      std::fill(pg, pg + nnz, T(0));
+      // the group's weight blocks: an even split of the wblocks
+      for (int64_t q = grp * wblocks / groups; q < (grp + 1) * wblocks / groups; ++q) {
+        const int64_t o0 = q * C, w = std::min<int64_t>(C, wv.out - o0);
+        transpose_block<T, C>(wp, wv.s0, wv.s1, o0, w, wv.in, wt.get());
+        sweep_rows(d, T_, wv.in, cur.get(), [&](int64_t blk, int64_t r, int64_t n, int32_t k_end) {
+          T* gb = gbuf.get() + r * C;
+          if (k_end <= kTileK) {  // the sweep's first tile: the rows' gradient on this block
+            const int64_t r0 = blk * kRowBlock;
+            for (int64_t i = 0; i < n; ++i) {
+              const T* grow = gp + (r0 + i) * gs0 + o0 * gs1;
+              T* dst = gb + i * C;
+              for (int64_t j = 0; j < w; ++j) dst[j] = grow[j * gs1];
+              for (int64_t j = w; j < C; ++j) dst[j] = T(0);
+            }
           }
-          std::copy(d.row_ptr[blk].begin(), d.row_ptr[blk].end() - 1, cur.get() + q);
-        }
-        for (int64_t k0 = 0; k0 < wv.in; k0 += kTileK) {
-          const auto k_end = static_cast<int32_t>(std::min(wv.in, k0 + kTileK));
-          for (int64_t blk = s0; blk < s1; ++blk) {
-            const int64_t q = (blk - s0) * kRowBlock;
-            rows_fn(d.row_ptr[blk].data(), cur.get() + q, d.col[blk].data(),
-                    std::min(kRowBlock, T_ - blk * kRowBlock), k_end, g.get() + q * C, wt.get(),
-                    part[blk].data());
-          }
-        }
+          rows_fn(d.row_ptr[blk].data(), cur.get() + r, d.col[blk].data(), n, k_end, gb,
+                  wt.get(), pg + base[blk]);
+        });
       }
-    });
-  }
+    }
+  });
   const T a = static_cast<T>(alpha);
+  T* dp = dx.data_ptr<T>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kRowBlock, n = std::min(kRowBlock, T_ - r0);
       const auto& rp = d.row_ptr[blk];
       const auto& col = d.col[blk];
-      const T* pp = part[blk].data();
       for (int64_t i = 0; i < n; ++i) {
         T* drow = dp + (r0 + i) * wv.in;
-        for (int64_t e = rp[i]; e < rp[i + 1]; ++e) drow[col[e]] += a * pp[e];
+        for (int64_t e = rp[i]; e < rp[i + 1]; ++e) {
+          const int64_t at_e = base[blk] + e;
+          T sum = part[at_e];
+          for (int64_t grp = 1; grp < groups; ++grp) sum += part[grp * nnz + at_e];
+          drow[col[e]] += a * sum;
+        }
       }
     }
   });
