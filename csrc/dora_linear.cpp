@@ -20,6 +20,14 @@
 //   dora_linear_fwd / dora_linear_bwd (CompositeExplicitAutograd): the
 //     forward and backward composed from the kernels.
 //
+// With dropout on, x̂·Wᵀ besides x·Wᵀ would be a second frozen GEMM each way.
+// Where the dropped-entries kernel runs (sparse_dropped: the CPU, float32 and
+// float64, dropout ≤ 0.1, large enough layers) it is not: with k dropout's
+// keep scale and D its mask, x̂·Wᵀ = k·(x·Wᵀ − ((1 − D) ⊙ x)·Wᵀ), and the
+// backward's g·W + k·D ⊙ (h·W) = (g + k·h)·W − k·(1 − D) ⊙ (h·W); the
+// products over the dropped entries (dropped_linear, dropped_linear_bwd_)
+// cost the fraction p of a GEMM's arithmetic. Elsewhere, two GEMMs.
+//
 // Held for backward: x only when dA or dW needs it (x̂ is regenerated from
 // the seed); s = x̂·Aᵀ (tokens × r); z = x̂·Wᵀ + s·x̂·Aᵀ·Bᵀ (tokens × out)
 // only for m's gradient (recomputing it would cost a frozen GEMM); m, W, A,

@@ -16,8 +16,10 @@ torch.compile's Triton decomposition and for builds without the extension.
 * dropout off (x̂ = x): ``y = m ⊙ z + bias`` with ``z = x·Wᵀ + s·x·Aᵀ·Bᵀ``:
   one ``lora_linear_fwd`` and one elementwise pass; no second frozen GEMM.
 * dropout on: ``y = x·Wᵀ + bias + (m − 1) ⊙ z + s·(x̂·Aᵀ)·Bᵀ`` with
-  ``z = x̂·Wᵀ + s·x̂·Aᵀ·Bᵀ``: two frozen GEMMs (x and x̂ differ: inherent), x̂
-  is a temporary, never kept.
+  ``z = x̂·Wᵀ + s·x̂·Aᵀ·Bᵀ``: two frozen GEMMs (x and x̂ differ), x̂ is a
+  temporary, never kept. (The C++ composite on the CPU gets x̂·Wᵀ from x·Wᵀ
+  and a product over the dropped entries only, ``dropped_linear``: one GEMM
+  each way plus the fraction p of another.)
 
 Held for backward (``lora_kernels.routes``): x (only when dA or dW need it;
 x̂ is regenerated from the seed), ``s = x̂·Aᵀ`` (tokens×r), ``z`` (tokens×out:
