@@ -27,7 +27,7 @@ bench: $(STAMP)
 AVX2_ONLY := LORA_KERNELS_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 CPU_TESTS := tests/test_cpu_kernels.py tests/test_dropout_mask.py tests/test_layers.py \
              tests/test_layers_vs_loralib.py tests/test_ops.py tests/test_ops_properties.py \
-             tests/test_backends.py
+             tests/test_backends.py tests/test_dropped_linear.py
 
 test: $(STAMP) cuda-check
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable $(ARGS)

@@ -47,10 +47,18 @@ def _weight(out_f, in_f, layout, dtype=torch.float64):
     return _rn(out_f, in_f + 5, dtype=dtype, seed=1)[:, 2:in_f + 2]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("p", [0.0, 0.05, 0.3, 1.0])
-@pytest.mark.parametrize("layout", ["standard", "transposed", "strided"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def each_case(test):
+    """test over every shape, dropout (none, some, all), W layout and dtype."""
+    marks = [pytest.mark.parametrize("shape", SHAPES, ids=str),
+             pytest.mark.parametrize("p", [0.0, 0.05, 0.3, 1.0]),
+             pytest.mark.parametrize("layout", ["standard", "transposed", "strided"]),
+             pytest.mark.parametrize("dtype", [torch.float64, torch.float32])]
+    for mark in reversed(marks):
+        test = mark(test)
+    return test
+
+
+@each_case
 def test_forward_matches_the_formula(shape, p, layout, dtype):
     tokens, in_f, out_f = shape
     x, inp = _rn(tokens, in_f, dtype=dtype), _rn(tokens, out_f, dtype=dtype, seed=2)
@@ -65,10 +73,7 @@ def test_forward_matches_the_formula(shape, p, layout, dtype):
                                @ w.double().t(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("p", [0.0, 0.05, 0.3, 1.0])
-@pytest.mark.parametrize("layout", ["standard", "transposed", "strided"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@each_case
 def test_backward_matches_the_formula(shape, p, layout, dtype):
     tokens, in_f, out_f = shape
     h, dx = _rn(tokens, out_f, dtype=dtype), _rn(tokens, in_f, dtype=dtype, seed=3)
