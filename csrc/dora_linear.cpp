@@ -121,18 +121,23 @@ Tensor empty_like0(const Tensor& t) { return at::empty({0}, t.options()); }
 // Whether dropout's second frozen GEMM (on x̂ forward, on h backward) runs as
 // the first one plus the product over the dropped entries (dropped_linear.h):
 // where that product has a sparse kernel (the CPU's, float32 and float64),
-// the dropped fraction is small enough for it to beat a GEMM, and the GEMM is
-// large enough for the kernel's fixed cost (the mask's compressed rows, W's
-// transposed blocks) to pay off. On a 2-core AMD EPYC (fp32, 2 threads) the
-// forward / backward kernel takes 0.25 / 0.27× the GEMM it replaces at 2048
-// tokens, 1024², p = 0.05; 0.37–0.63 / 0.65–0.75× at 516 tokens, 512↔1365,
-// p = 0.1; and 0.64–1.04 / 0.9–1.25× at p = 0.2.
+// the dropped fraction is small enough for it to beat a GEMM, and there are
+// enough tokens for the kernel's fixed cost (W's transposed blocks, one pass
+// over W; the mask's compressed rows) to pay off, in a layer large enough for
+// the extra op calls not to matter. On a 2-core AMD EPYC (fp32, 2 threads)
+// the forward / backward kernel takes, of the GEMM it replaces:
+//   p = 0.05, 4096²: 1.56 / 1.41× at 16 tokens, 0.59 / 0.65× at 64,
+//     0.43 / 0.54× at 128, 0.26–0.29 / 0.33–0.36× at 256–2048;
+//   p = 0.05, 1024² and 512 → 1365: 0.36–0.41 / 0.48× at 128 tokens;
+//   p = 0.1, 516 tokens, 512 ↔ 1365: 0.37–0.63 / 0.65–0.75×;
+//   p = 0.2: 0.64–1.04 / 0.9–1.25×.
 constexpr double kSparseDroppedMaxP = 0.1;
-constexpr double kSparseDroppedMinMacs = 1 << 26;  // tokens · in · out
+constexpr int64_t kSparseDroppedMinTokens = 128;
+constexpr double kSparseDroppedMinMacs = 1 << 24;  // tokens · in · out
 bool sparse_dropped(const Tensor& x, const Tensor& weight, double dropout_p) {
   const auto st = x.scalar_type();
   return x.device().is_cpu() && (st == at::kFloat || st == at::kDouble) &&
-         dropout_p <= kSparseDroppedMaxP &&
+         dropout_p <= kSparseDroppedMaxP && x.size(0) >= kSparseDroppedMinTokens &&
          static_cast<double>(x.size(0)) * static_cast<double>(weight.numel()) >=
              kSparseDroppedMinMacs;
 }
