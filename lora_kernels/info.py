@@ -24,8 +24,8 @@ def _cuda_extension_line() -> str:
 
 
 def _cpu_lines() -> list:
-    """The cpu backend's SIMD level and whether its AVX-512 row kernels
-    (float32 embedding) run."""
+    """The cpu backend's SIMD level and whether its row kernels (float32
+    embedding; AVX-512 or AVX2) run."""
     try:
         backends.get("cpu")  # loads lora_kernels._C when it is built
         isa = torch.ops.lora_kernels_cpu._cpu_isa()

@@ -112,7 +112,7 @@ def test_info_says_whether_the_row_kernels_run():
                          text=True, check=True, env=env).stdout
     line = next(x for x in out.splitlines() if x.startswith("cpu row kernels"))
     assert "off" in line
-    if "lora_kernels._C is not built" not in line and "no AVX-512F" not in line:
+    if "lora_kernels._C is not built" not in line and "neither AVX-512F nor AVX2" not in line:
         assert "LORA_KERNELS_CPU_SIMD=0" in line
 
 
@@ -125,6 +125,24 @@ def test_info_reports_the_simd_level_and_its_cap():
     line = next(x for x in out.splitlines() if x.startswith("cpu SIMD"))
     if "not built" not in line:
         assert line.startswith("cpu SIMD: scalar"), line
+    rows = next(x for x in out.splitlines() if x.startswith("cpu row kernels"))
+    if "not built" not in rows:
+        assert "off" in rows, rows
+
+
+def test_info_names_the_row_kernels_variant():
+    """With the level capped at avx2, the AVX2 row kernels run on any CPU that
+    has AVX2 (AVX-512 ones included)."""
+    import os
+
+    env = dict(os.environ, LORA_KERNELS_CPU_ISA="avx2")
+    env.pop("LORA_KERNELS_CPU_SIMD", None)
+    out = subprocess.run([sys.executable, "-m", "lora_kernels.info"], capture_output=True,
+                         text=True, check=True, env=env).stdout
+    isa = next(x for x in out.splitlines() if x.startswith("cpu SIMD"))
+    rows = next(x for x in out.splitlines() if x.startswith("cpu row kernels"))
+    if isa.startswith("cpu SIMD: avx2"):
+        assert rows.endswith("on (AVX2)"), rows
 
 
 def test_backward_uses_the_backend_of_its_forward_on_another_thread():

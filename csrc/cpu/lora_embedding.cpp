@@ -3,7 +3,7 @@
 //
 // Memory plan
 //   * Forward: y (tokens×dim) is written once, row block by row block. For
-//     float32 on a CPU with AVX-512 each row is gathered and gets its
+//     float32 on a CPU with AVX-512 or AVX2 each row is gathered and gets its
 //     low-rank update in one pass while in registers (lowrank_rows.h);
 //     otherwise the block's rows of W are gathered and the update is added
 //     by a GEMM while they are in cache (no second pass over y).
@@ -11,7 +11,7 @@
 //     by the caller for dB; the indices are kept for dA and dweight.
 //   * Backward: dB = scaling · gᵀ·s and dS = g·(scaling·B) (tokens×r, one
 //     small buffer) come from one parallel loop over fixed row chunks (for
-//     float32 with AVX-512, one read of each row of g gives both:
+//     float32 with AVX-512 or AVX2, one read of each row of g gives both:
 //     lowrank_rows.h; otherwise two GEMMs per chunk, the chunk in cache);
 //     dA[:, idx[t]] += dS[t] is a scatter over tokens in token order (rows
 //     of dA in parallel), skipping padding_idx. dweight is ATen's dense
@@ -192,16 +192,25 @@ void grads_by_rows(const float* gp, int64_t ld_g, int64_t T, int64_t dim, int64_
     }
   });
   if (!want_dB) return;
-  dB = at::empty({dim, r}, lora_B.options());  // dB[j, k] = Σ_slot part, slots in order
+  // dB[j, k] = Σ_slot part, slots in order; packed blocks in parallel, each
+  // summed slot by slot over its contiguous r × kPackCols elements.
+  dB = at::empty({dim, r}, lora_B.options());
   float* o = dB.data_ptr<float>();
-  for (int64_t j = 0; j < dim; ++j) {
-    for (int64_t k = 0; k < r; ++k) {
-      const int64_t e = packed_index(r, k, j);
-      float v = parts[e];
-      for (int64_t q = 1; q < S; ++q) v += parts[q * P + e];
-      o[j * r + k] = v;
+  const int64_t blk = r * kPackCols;
+  at::parallel_for(0, P / blk, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> sum(blk);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* first = parts + b * blk;
+      std::copy(first, first + blk, sum.begin());
+      for (int64_t q = 1; q < S; ++q) {
+        const float* src = first + q * P;
+        for (int64_t e = 0; e < blk; ++e) sum[e] += src[e];
+      }
+      const int64_t j0 = b * kPackCols, w = std::min(kPackCols, dim - j0);
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t jj = 0; jj < w; ++jj) o[(j0 + jj) * r + k] = sum[k * kPackCols + jj];
     }
-  }
+  });
 }
 
 // dA and dB (each only when asked for), for T > 0, r > 0, dim > 0:
@@ -275,16 +284,18 @@ void embedding_grads(const Tensor& grad, const Tensor& indices, const Tensor& lo
     }
   });
 
-  if (want_dB) {  // dB[j, k] = Σ_slot parts[slot, k, j], slots in order
+  if (want_dB) {  // dB[j, k] = Σ_slot parts[slot, k, j], slots in order; ranks in parallel
     dB = at::empty({dim, r}, lora_B.options());
     scalar_t* o = dB.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < r; ++k) {
-      for (int64_t j = 0; j < dim; ++j) {
-        acc_t v = pp[k * dim + j];
-        for (int64_t q = 1; q < S; ++q) v += pp[(q * r + k) * dim + j];
-        o[j * r + k] = static_cast<scalar_t>(v);
+    at::parallel_for(0, r, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int64_t j = 0; j < dim; ++j) {
+          acc_t v = pp[k * dim + j];
+          for (int64_t q = 1; q < S; ++q) v += pp[(q * r + k) * dim + j];
+          o[j * r + k] = static_cast<scalar_t>(v);
+        }
       }
-    }
+    });
   }
   if (want_dA) {
     scatter_dA<acc_t>(indices, dsp, T, r, num, padding_idx, acc_opts, dA);

@@ -19,7 +19,17 @@
 // 32 FMAs per step for 18 vector loads and 8 stores. Rows are read in order,
 // each prefetched kPrefetchRows rows ahead (one line per step), so the
 // stream of g from memory overlaps the FMAs.
+//
+// AVX2 variant (GCC vector types compiled for AVX2 + FMA; 16 ymm): rows two
+// at a time, ranks in chunks of 4 (each chunk a pass over the row pair while
+// it is in L1), 8 columns per step: 8 dS accumulators (summed over the whole
+// row, their lanes added once at its end), 8 broadcasts of s, the two g
+// vectors; per rank one Bs load and one part load and store for 4 FMAs.
+// Past the last multiple of 8 columns of a row, g is read into a zeroed
+// vector (Bs and part are zero padded to whole blocks).
 #include "lowrank_rows.h"
+
+#include "common.h"
 
 #include <algorithm>
 #include <cstring>
@@ -163,6 +173,129 @@ GradsFn grads_fn(int64_t R) {
   }
 }
 
+// --- AVX2 (GCC vector types; the variant's target attribute makes them ymm)
+
+#define LK_AVX2 __attribute__((target("avx2,fma")))
+#define LK_AVX2_INLINE inline __attribute__((always_inline, target("avx2,fma")))
+
+using V8 __attribute__((vector_size(32), aligned(4))) = float;  // unaligned loads
+
+// Rank chunk of the AVX2 kernel: 2 rows × 4 ranks of dS accumulators and
+// 2 × 4 broadcasts of s fill most of the 16 ymm registers.
+constexpr int kRankChunkAvx2 = 4;
+
+// The lanes of v added as a tree (halves onto halves, a fixed order).
+LK_AVX2_INLINE float lane_sum(V8 v) {
+  float t[8];
+#pragma GCC unroll 8
+  for (int l = 0; l < 8; ++l) t[l] = v[l];
+#pragma GCC unroll 4
+  for (int half = 4; half >= 1; half /= 2)
+#pragma GCC unroll 4
+    for (int l = 0; l < half; ++l) t[l] += t[l + half];
+  return t[0];
+}
+
+LK_AVX2_INLINE V8 load8(const float* p) { return *reinterpret_cast<const V8*>(p); }
+
+// One 8-column step of kRows rows: acc[i][k] += x_i·Bs[k] and
+// part[k] += Σ_i s[i][k]·x_i (rows in order).
+template <int R, int kRows, bool kDS, bool kDB>
+LK_AVX2_INLINE void grads_step_v8(const V8* x, const float* Bb, float* Pb, const float* sv,
+                                  V8* acc) {
+#pragma GCC unroll 4
+  for (int k = 0; k < R; ++k) {
+    if (kDS) {
+      const V8 b = load8(Bb + k * kPackCols);
+#pragma GCC unroll 2
+      for (int i = 0; i < kRows; ++i) acc[i * R + k] += x[i] * b;
+    }
+    if (kDB) {
+      V8 p = load8(Pb + k * kPackCols);
+#pragma GCC unroll 2
+      for (int i = 0; i < kRows; ++i) p += sv[i * R + k] * x[i];
+      *reinterpret_cast<V8*>(Pb + k * kPackCols) = p;
+    }
+  }
+}
+
+// Rows t .. t + kRows - 1, ranks k0 .. k0 + R - 1 (Bp, Pp, s and dS already
+// offset to k0), over all columns.
+template <int R, int kRows, bool kDS, bool kDB>
+LK_AVX2 void grads_rows_v8(const float* g, int64_t ld_g, int64_t t, int64_t dim, const float* Bp,
+                           float* Pp, int64_t blk_stride, const float* s, int64_t ld_s,
+                           float* dS, int64_t ld_ds, bool prefetch) {
+  float sv[kRows * R];
+  for (int i = 0; i < kRows; ++i)
+    for (int k = 0; k < R; ++k) sv[i * R + k] = kDB ? s[(t + i) * ld_s + k] : 0.f;
+  V8 acc[kRows * R];
+#pragma GCC unroll 8
+  for (int q = 0; q < kRows * R; ++q) acc[q] = V8{};
+  const float* gr[kRows];
+  for (int i = 0; i < kRows; ++i) gr[i] = g + (t + i) * ld_g;
+  const int64_t pf = kPrefetchRows * ld_g;  // a prefetch never faults, even past the end
+  for (int64_t j0 = 0, blk = 0; j0 < dim; j0 += kPackCols, ++blk) {
+    const int64_t w = std::min(kPackCols, dim - j0);
+    const float* Bb = Bp + blk * blk_stride;
+    float* Pb = kDB ? Pp + blk * blk_stride : nullptr;
+    int64_t j = 0;
+    V8 x[kRows];
+    for (; j + 8 <= w; j += 8) {
+#pragma GCC unroll 2
+      for (int i = 0; i < kRows; ++i) {
+        x[i] = load8(gr[i] + j0 + j);
+        if (prefetch && (j & 15) == 0) __builtin_prefetch(gr[i] + pf + j0 + j);
+      }
+      grads_step_v8<R, kRows, kDS, kDB>(x, Bb + j, kDB ? Pb + j : nullptr, sv, acc);
+    }
+    if (j < w) {
+      for (int i = 0; i < kRows; ++i) {
+        x[i] = V8{};
+        for (int64_t l = 0; l < w - j; ++l) x[i][l] = gr[i][j0 + j + l];
+      }
+      grads_step_v8<R, kRows, kDS, kDB>(x, Bb + j, kDB ? Pb + j : nullptr, sv, acc);
+    }
+  }
+  if (kDS)
+    for (int i = 0; i < kRows; ++i)
+      for (int k = 0; k < R; ++k) dS[(t + i) * ld_ds + k] = lane_sum(acc[i * R + k]);
+}
+
+using RowsFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t,
+                        const float*, int64_t, float*, int64_t, bool);
+
+template <int kRows, bool kDS, bool kDB>
+RowsFn rows_fn_avx2(int64_t R) {
+  switch (R) {
+    case 1: return &grads_rows_v8<1, kRows, kDS, kDB>;
+    case 2: return &grads_rows_v8<2, kRows, kDS, kDB>;
+    case 3: return &grads_rows_v8<3, kRows, kDS, kDB>;
+    default: return &grads_rows_v8<4, kRows, kDS, kDB>;
+  }
+}
+
+// Row pairs in order; for each, the rank chunks in order while the pair's
+// rows are in L1 (only the first chunk prefetches the rows ahead).
+template <bool kDS, bool kDB>
+void grads_avx2(const float* g, int64_t ld_g, int64_t n, int64_t dim, int64_t r,
+                const float* Bp, float* Pp, int64_t blk_stride, const float* s, int64_t ld_s,
+                float* dS, int64_t ld_ds) {
+  constexpr int64_t C = kRankChunkAvx2;
+  const int64_t tail = r % C;
+  const RowsFn pair_full = rows_fn_avx2<2, kDS, kDB>(C), pair_tail = rows_fn_avx2<2, kDS, kDB>(tail);
+  const RowsFn one_full = rows_fn_avx2<1, kDS, kDB>(C), one_tail = rows_fn_avx2<1, kDS, kDB>(tail);
+  auto run = [&](RowsFn full, RowsFn part_fn, int64_t t) {
+    for (int64_t k0 = 0; k0 < r; k0 += C)
+      (k0 + C <= r ? full : part_fn)(g, ld_g, t, dim, Bp + k0 * kPackCols,
+                                     kDB ? Pp + k0 * kPackCols : nullptr, blk_stride,
+                                     kDB ? s + k0 : nullptr, ld_s, kDS ? dS + k0 : nullptr,
+                                     ld_ds, k0 == 0);
+  };
+  int64_t t = 0;
+  for (; t + 2 <= n; t += 2) run(pair_full, pair_tail, t);
+  if (t < n) run(one_full, one_tail, t);
+}
+
 }  // namespace
 #endif  // LK_GRADS_AVX512
 
@@ -172,6 +305,13 @@ void lowrank_grads_rows(const float* g, int64_t ld_g, int64_t n, int64_t dim, in
 #ifdef LK_GRADS_AVX512
   if (n <= 0 || dim <= 0 || r <= 0 || (!dS && !part_packed)) return;
   const int64_t blk_stride = r * kPackCols;
+  if (cpu_isa() < CpuIsa::kAvx512) {
+    const auto fn = !part_packed ? &grads_avx2<true, false>
+                    : !dS        ? &grads_avx2<false, true>
+                                 : &grads_avx2<true, true>;
+    fn(g, ld_g, n, dim, r, Bs_packed, part_packed, blk_stride, s, ld_s, dS, ld_ds);
+    return;
+  }
   for (int64_t k0 = 0; k0 < r; k0 += 8) {
     const int64_t R = std::min<int64_t>(8, r - k0);
     const GradsFn fn = !part_packed ? grads_fn<true, false>(R)

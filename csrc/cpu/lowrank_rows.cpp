@@ -1,6 +1,8 @@
-// The embedding forward's row kernel, float32 (see lowrank_rows.h).
+// The embedding forward's row kernel, float32 (see lowrank_rows.h), in two
+// variants: AVX-512 intrinsics and, for CPUs with AVX2 but no AVX-512, GCC
+// vector types compiled for AVX2 + FMA.
 //
-// Register plan (AVX-512, 32 zmm registers). The rank is taken in chunks of
+// AVX-512 register plan (32 zmm registers). The rank is taken in chunks of
 // at most R = 8 (a template parameter, so the per-rank values live in
 // registers); rows are taken two at a time and columns 16 at a time. The
 // 2·R values s[t, k] are broadcast once per row pair; each 16-column step
@@ -10,6 +12,13 @@
 // latency overlaps the FMAs: the whole forward costs about what the plain
 // row gather costs.
 // Tails (columns not a multiple of 16) use masked loads and stores.
+//
+// AVX2 register plan (16 ymm registers): one row at a time, 16 columns (two
+// vectors) per step: R broadcasts of s[t, k], two accumulators and two Bt
+// vectors, 2·R FMAs for 2 + 2·R loads. Two rows at a time would need 2·R
+// broadcasts, more registers than AVX2 has. The source row of the row after
+// next is prefetched one cache line per step. Columns past the last multiple
+// of 8 are done one by one, in the same order of terms.
 #include "lowrank_rows.h"
 
 #include "common.h"
@@ -36,11 +45,11 @@ namespace {
 // variable may change between calls, and tests compare both paths).
 const char* row_kernels_off_reason() {
 #ifdef LK_ROWS_AVX512
-  static const bool has = __builtin_cpu_supports("avx512f");
-  if (!has) return "this CPU has no AVX-512F";
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!has) return "this CPU has neither AVX-512F nor AVX2";
   const char* env = std::getenv("LORA_KERNELS_CPU_SIMD");
   if (env && std::strcmp(env, "0") == 0) return "LORA_KERNELS_CPU_SIMD=0";
-  if (cpu_isa() < CpuIsa::kAvx512) return "LORA_KERNELS_CPU_ISA is below avx512";
+  if (cpu_isa() < CpuIsa::kAvx2) return "LORA_KERNELS_CPU_ISA is below avx2";
   return nullptr;
 #else
   return "not an x86-64 build";
@@ -50,7 +59,8 @@ const char* row_kernels_off_reason() {
 // What lora_kernels.info prints for the row kernels.
 std::string row_kernels_status() {
   const char* why = row_kernels_off_reason();
-  return why ? std::string("off: ") + why : std::string("on (AVX-512)");
+  if (why) return std::string("off: ") + why;
+  return cpu_isa() >= CpuIsa::kAvx512 ? "on (AVX-512)" : "on (AVX2)";
 }
 
 }  // namespace
@@ -146,6 +156,72 @@ constexpr FwdFn kFwd[9] = {nullptr,
                            &fwd_rank_chunk<7>,
                            &fwd_rank_chunk<8>};
 
+// --- AVX2 (GCC vector types; the variant's target attribute makes them ymm)
+
+#define LK_AVX2 __attribute__((target("avx2,fma")))
+#define LK_AVX2_INLINE inline __attribute__((always_inline, target("avx2,fma")))
+
+using V8 __attribute__((vector_size(32), aligned(4))) = float;  // unaligned loads
+
+LK_AVX2_INLINE V8 load8(const float* p) {
+  return *reinterpret_cast<const V8*>(p);
+}
+
+template <int R>
+LK_AVX2_INLINE void fwd_row_v8(float* y, const float* src,
+                                                      const float* pf, const float* sr,
+                                                      const float* Bt, int64_t ld_bt,
+                                                      int64_t dim) {
+  float sv[R];
+#pragma GCC unroll 8
+  for (int k = 0; k < R; ++k) sv[k] = sr[k];
+  int64_t j = 0;
+  for (; j + 16 <= dim; j += 16) {
+    __builtin_prefetch(pf + j);
+    V8 a0 = load8(src + j), a1 = load8(src + j + 8);
+#pragma GCC unroll 8
+    for (int k = 0; k < R; ++k) {
+      a0 += sv[k] * load8(Bt + k * ld_bt + j);
+      a1 += sv[k] * load8(Bt + k * ld_bt + j + 8);
+    }
+    *reinterpret_cast<V8*>(y + j) = a0;
+    *reinterpret_cast<V8*>(y + j + 8) = a1;
+  }
+  if (j + 8 <= dim) {
+    V8 a0 = load8(src + j);
+#pragma GCC unroll 8
+    for (int k = 0; k < R; ++k) a0 += sv[k] * load8(Bt + k * ld_bt + j);
+    *reinterpret_cast<V8*>(y + j) = a0;
+    j += 8;
+  }
+  for (; j < dim; ++j) {
+    float a = src[j];
+#pragma GCC unroll 8
+    for (int k = 0; k < R; ++k) a += sv[k] * Bt[k * ld_bt + j];
+    y[j] = a;
+  }
+}
+
+template <int R>
+LK_AVX2 void fwd_rank_chunk_avx2(
+    float* y, int64_t ld_y, const float* base, int64_t ld_base, const int64_t* rows, int64_t n,
+    int64_t dim, const float* s, int64_t ld_s, const float* Bt, int64_t ld_bt) {
+  auto src_row = [&](int64_t t) { return base + (rows ? rows[t] : t) * ld_base; };
+  for (int64_t t = 0; t < n; ++t)
+    fwd_row_v8<R>(y + t * ld_y, src_row(t), src_row(t + 2 < n ? t + 2 : t), s + t * ld_s, Bt,
+                  ld_bt, dim);
+}
+
+constexpr FwdFn kFwdAvx2[9] = {nullptr,
+                               &fwd_rank_chunk_avx2<1>,
+                               &fwd_rank_chunk_avx2<2>,
+                               &fwd_rank_chunk_avx2<3>,
+                               &fwd_rank_chunk_avx2<4>,
+                               &fwd_rank_chunk_avx2<5>,
+                               &fwd_rank_chunk_avx2<6>,
+                               &fwd_rank_chunk_avx2<7>,
+                               &fwd_rank_chunk_avx2<8>};
+
 }  // namespace
 #endif  // LK_ROWS_AVX512
 
@@ -156,11 +232,12 @@ void rows_plus_lowrank(float* y, int64_t ld_y, const float* base, int64_t ld_bas
                        int64_t ld_s, const float* Bt, int64_t ld_bt, int64_t r) {
 #ifdef LK_ROWS_AVX512
   if (n <= 0 || dim <= 0) return;
+  const FwdFn* fwd = cpu_isa() >= CpuIsa::kAvx512 ? kFwd : kFwdAvx2;
   for (int64_t k0 = 0; k0 < r; k0 += kRankChunk) {
     const int64_t R = std::min(kRankChunk, r - k0);
     // The first chunk reads the source rows; later ones add to y in place.
     const bool first = k0 == 0;
-    kFwd[R](y, ld_y, first ? base : y, first ? ld_base : ld_y, first ? rows : nullptr, n, dim,
+    fwd[R](y, ld_y, first ? base : y, first ? ld_base : ld_y, first ? rows : nullptr, n, dim,
             s + k0, ld_s, Bt + k0 * ld_bt, ld_bt);
   }
 #else

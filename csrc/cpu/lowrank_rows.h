@@ -1,11 +1,12 @@
-// Row kernels of the embedding's low-rank branch for float32, written for
-// AVX-512: the forward's gather + rank-r update (lowrank_rows.cpp) and the
-// backward's dS/dB from one read of g (lowrank_grads.cpp). Gathering rows and
+// Row kernels of the embedding's low-rank branch for float32, for AVX-512
+// and for AVX2: the forward's gather + rank-r update (lowrank_rows.cpp) and
+// the backward's dS/dB from one read of g (lowrank_grads.cpp). Gathering rows and
 // then running ATen's GEMMs on the block (one dimension is the rank, 4 to 64)
 // costs extra passes, and those GEMMs are slow on these shapes.
 //
 // Each result depends only on the arguments (fixed summation order), never on
-// the thread that runs it. Callers use them only when
+// the thread that runs it (the AVX-512 and AVX2 variants may differ in the
+// last bits: their sums are grouped differently). Callers use them only when
 // lowrank_rows_available() and fall back to the GEMM path otherwise.
 #pragma once
 
@@ -14,8 +15,10 @@
 namespace lora_kernels {
 namespace cpu {
 
-// True when the CPU has AVX-512F and LORA_KERNELS_CPU_SIMD is not "0" (the
-// variable is read on each call, so tests can compare both paths).
+// True when the CPU has AVX2 and FMA (or AVX-512F: that variant then runs),
+// LORA_KERNELS_CPU_ISA does not cap the level at "scalar", and
+// LORA_KERNELS_CPU_SIMD is not "0" (read on each call, so tests can compare
+// the row kernels with the GEMM path).
 bool lowrank_rows_available();
 
 // y[t, :] = src(t)[:] + Σ_k s[t, k] · Bt[k, :] for t < n, where src(t) is row
