@@ -25,14 +25,22 @@ MB = 1024 * 1024
 def machine_line(device) -> str:
     device = torch.device(device)
     cpu = platform.processor() or platform.machine()
+    flags = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                if flags and cpu:
                     break
     except OSError:
         pass
+    # CPUs of one name differ in SIMD (an AMD EPYC may or may not have AVX-512).
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    if simd:
+        cpu = f"{cpu} ({simd})"
     parts = [f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
              f"{platform.system()} {platform.machine()}", f"python {platform.python_version()}",
              f"torch {torch.__version__}"]
