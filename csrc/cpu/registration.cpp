@@ -27,7 +27,7 @@ TORCH_LIBRARY(lora_kernels_cpu, m) {
   lora_kernels::define_backend_ops(m);
   // Test hook (not part of the op contract): raw Philox words, see dropout.cpp.
   m.def("_philox_words(int seed, int n0, int count, int isa) -> Tensor");
-  // Status of the AVX-512 row kernels (lowrank_rows.h), for lora_kernels.info.
+  // Status of the row kernels (AVX-512 or AVX2; lowrank_rows.h), for lora_kernels.info.
   m.def("_row_kernels() -> str");
   // The SIMD level of the CPU kernels (cpu_isa.cpp), for lora_kernels.info.
   m.def("_cpu_isa() -> str");
