@@ -10,8 +10,8 @@
 # OUT defaults to benchmarks/results/cpu-<N>core-<vendor>-<avx512|avx2>, the
 # machine's folder of raw results (N: CPUs; vendor and SIMD level from
 # /proc/cpuinfo), so a rerun overwrites that machine's files of the series
-# and `git diff` shows what moved. About 8 minutes on a 2-core machine. Exit status: targets.py's
-# (0 all met, 1 one missed, 2 one not run).
+# and `git diff` shows what moved. About 9 minutes on a 2-core machine.
+# Exit status: targets.py's (0 all met, 1 one missed, 2 one not run).
 set -u
 
 cd "$(dirname "$0")/.." || exit 1

@@ -315,8 +315,8 @@ def test_embedding_int32_indices_and_strided_s():
                                      (5, 64, 1), (64, 100, 16)], ids=str)
 @pytest.mark.parametrize("simd", ["1", "0"])
 def test_embedding_float32_forward_row_kernel(T, dim, r, simd, monkeypatch):
-    """float32 forward on the AVX-512 row kernel (where the CPU has it) and on
-    the GEMM path (LORA_KERNELS_CPU_SIMD=0): column tails, odd token counts,
+    """float32 forward on the row kernel (AVX-512 or AVX2, where the CPU has
+    it) and on the GEMM path (LORA_KERNELS_CPU_SIMD=0): column tails, odd token counts,
     ranks over one 8-wide chunk, against the float64 reference."""
     monkeypatch.setenv("LORA_KERNELS_CPU_SIMD", simd)
     idx, w, a, bb = embedding_inputs(T, 50, dim, r, torch.float32)
@@ -332,8 +332,8 @@ def test_embedding_float32_forward_row_kernel(T, dim, r, simd, monkeypatch):
                                      (5, 130, 1), (257, 300, 16)], ids=str)
 @pytest.mark.parametrize("simd", ["1", "0"])
 def test_embedding_float32_backward_row_kernel(T, dim, r, simd, monkeypatch):
-    """float32 dA/dB on the AVX-512 row kernel (where the CPU has it) and on
-    the GEMM path: odd token counts (a last row without a pair, a partial row
+    """float32 dA/dB on the row kernel (AVX-512 or AVX2, where the CPU has
+    it) and on the GEMM path: odd token counts (a last row without a pair, a partial row
     chunk), column tails inside and across the 128-column packed blocks, ranks
     over one 8-wide chunk, each output alone and both, against float64."""
     monkeypatch.setenv("LORA_KERNELS_CPU_SIMD", simd)

@@ -37,6 +37,8 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LK_GRADS_AVX512 1
 #include <immintrin.h>
+
+#include "vec8.h"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
@@ -173,30 +175,11 @@ GradsFn grads_fn(int64_t R) {
   }
 }
 
-// --- AVX2 (GCC vector types; the variant's target attribute makes them ymm)
-
-#define LK_AVX2 __attribute__((target("avx2,fma")))
-#define LK_AVX2_INLINE inline __attribute__((always_inline, target("avx2,fma")))
-
-using V8 __attribute__((vector_size(32), aligned(4))) = float;  // unaligned loads
+// --- AVX2 (vec8.h)
 
 // Rank chunk of the AVX2 kernel: 2 rows × 4 ranks of dS accumulators and
 // 2 × 4 broadcasts of s fill most of the 16 ymm registers.
 constexpr int kRankChunkAvx2 = 4;
-
-// The lanes of v added as a tree (halves onto halves, a fixed order).
-LK_AVX2_INLINE float lane_sum(V8 v) {
-  float t[8];
-#pragma GCC unroll 8
-  for (int l = 0; l < 8; ++l) t[l] = v[l];
-#pragma GCC unroll 4
-  for (int half = 4; half >= 1; half /= 2)
-#pragma GCC unroll 4
-    for (int l = 0; l < half; ++l) t[l] += t[l + half];
-  return t[0];
-}
-
-LK_AVX2_INLINE V8 load8(const float* p) { return *reinterpret_cast<const V8*>(p); }
 
 // One 8-column step of kRows rows: acc[i][k] += x_i·Bs[k] and
 // part[k] += Σ_i s[i][k]·x_i (rows in order).
@@ -214,7 +197,7 @@ LK_AVX2_INLINE void grads_step_v8(const V8* x, const float* Bb, float* Pb, const
       V8 p = load8(Pb + k * kPackCols);
 #pragma GCC unroll 2
       for (int i = 0; i < kRows; ++i) p += sv[i * R + k] * x[i];
-      *reinterpret_cast<V8*>(Pb + k * kPackCols) = p;
+      store8(Pb + k * kPackCols, p);
     }
   }
 }

@@ -33,6 +33,8 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LK_ROWS_AVX512 1
 #include <immintrin.h>
+
+#include "vec8.h"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
@@ -156,22 +158,11 @@ constexpr FwdFn kFwd[9] = {nullptr,
                            &fwd_rank_chunk<7>,
                            &fwd_rank_chunk<8>};
 
-// --- AVX2 (GCC vector types; the variant's target attribute makes them ymm)
-
-#define LK_AVX2 __attribute__((target("avx2,fma")))
-#define LK_AVX2_INLINE inline __attribute__((always_inline, target("avx2,fma")))
-
-using V8 __attribute__((vector_size(32), aligned(4))) = float;  // unaligned loads
-
-LK_AVX2_INLINE V8 load8(const float* p) {
-  return *reinterpret_cast<const V8*>(p);
-}
+// --- AVX2 (vec8.h)
 
 template <int R>
-LK_AVX2_INLINE void fwd_row_v8(float* y, const float* src,
-                                                      const float* pf, const float* sr,
-                                                      const float* Bt, int64_t ld_bt,
-                                                      int64_t dim) {
+LK_AVX2_INLINE void fwd_row_v8(float* y, const float* src, const float* pf, const float* sr,
+                               const float* Bt, int64_t ld_bt, int64_t dim) {
   float sv[R];
 #pragma GCC unroll 8
   for (int k = 0; k < R; ++k) sv[k] = sr[k];
@@ -184,14 +175,14 @@ LK_AVX2_INLINE void fwd_row_v8(float* y, const float* src,
       a0 += sv[k] * load8(Bt + k * ld_bt + j);
       a1 += sv[k] * load8(Bt + k * ld_bt + j + 8);
     }
-    *reinterpret_cast<V8*>(y + j) = a0;
-    *reinterpret_cast<V8*>(y + j + 8) = a1;
+    store8(y + j, a0);
+    store8(y + j + 8, a1);
   }
   if (j + 8 <= dim) {
     V8 a0 = load8(src + j);
 #pragma GCC unroll 8
     for (int k = 0; k < R; ++k) a0 += sv[k] * load8(Bt + k * ld_bt + j);
-    *reinterpret_cast<V8*>(y + j) = a0;
+    store8(y + j, a0);
     j += 8;
   }
   for (; j < dim; ++j) {

@@ -28,12 +28,11 @@ def machine_line(device) -> str:
     flags = set()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
+            for line in f:  # the first processor's lines: model name, then flags
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                if flags and cpu:
                     break
     except OSError:
         pass
